@@ -1,0 +1,1 @@
+"""Data: row formats, sources, and the batching pipeline."""

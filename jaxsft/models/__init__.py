@@ -1,0 +1,1 @@
+"""Model code: the NNX decoder, attention dispatch, Hugging Face conversion."""

@@ -1,0 +1,80 @@
+"""Command line: python -m jaxsft.train --config configs/NAME.py[:ARG] [--config.FIELD=VALUE ...].
+
+Bad input (an unknown or mistyped config field, a missing config file, a missing path, a malformed
+dataset row) ends the run with one `error: ...` line on stderr and exit status 2, before any
+compilation.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_dict
+from ml_collections import config_flags
+
+from jaxsft.errors import InputError
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/NAME.py[:ARG]).',
+                                          lock_config=True)
+
+
+def fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with config errors (unknown field, bad value, missing file) as one line each."""
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(_flag_error_message(e))
+  except SyntaxError as e:
+    fail(f'--config {e.filename} line {e.lineno}: {e.msg}')
+  except (AttributeError, KeyError, ValueError, TypeError) as e:
+    fail(f'--config: {_flag_error_message(e)}')
+  if flags.FLAGS['config'].present == 0 and flags.FLAGS.config is None:
+    fail('--config is required, e.g. --config configs/tiny.py')
+  return rest
+
+
+def _flag_error_message(e: Exception) -> str:
+  if isinstance(e, (AttributeError, KeyError)):
+    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(msg)).
+      e = e.args[0]
+    text = ' '.join(str(e.args[0] if e.args else e).split())
+    return 'unknown config field ' + text.replace("'", '')
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_config():
+  """Loads the config file (lazily, as config_flags does) turning its failures into one line."""
+  filename = flags.FLAGS['config'].config_filename
+  if not os.path.isfile(filename):
+    fail(f'--config: no such file {filename!r}')
+  config = _CONFIG.value
+  if not isinstance(config, config_dict.ConfigDict):  # config_flags defers load errors to first use.
+    try:
+      config.lock()
+    except Exception as e:  # pylint: disable=broad-except
+      cause = e.__cause__ or e
+      fail(f'--config {filename}: {type(cause).__name__}: {" ".join(str(cause).split())}')
+    fail(f'--config {filename}: get_config() must return a ConfigDict')
+  return config
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  config = load_config()
+  from jaxsft import trainer  # Imported here so `--help` and config errors stay fast.
+  try:
+    trainer.run(config)
+  except InputError as e:
+    fail(str(e))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)
