@@ -1,0 +1,364 @@
+"""The training loop: composes config, model, data, loss and optimizer; owns all I/O.
+
+One optimizer step = `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size ×
+devices` rows. The loss of a step is the sum of token losses over every loss token of the step divided
+by that step's number of loss tokens (TRL's `num_items_in_batch`): the host counts the step's loss tokens
+before running it, each micro-step's gradient is that micro-batch's token-sum gradient divided by the
+step's count, and `optax.MultiSteps(use_grad_mean=False)` sums them. The result does not depend on how the
+step is split into micro-batches or devices.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+from ml_collections import config_dict
+
+from jaxsft import config as config_lib
+from jaxsft import loss as loss_lib
+from jaxsft import metrics as metrics_lib
+from jaxsft import optim
+from jaxsft import sharding
+from jaxsft.data import pipeline
+from jaxsft.data import sources
+from jaxsft.errors import InputError
+from jaxsft.models import hf
+from jaxsft.models import transformer
+
+log = metrics_lib.log
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """How the data maps onto optimizer steps (transformers' Trainer arithmetic)."""
+  micro_batch_size: int  # Rows per micro-batch, all devices.
+  accumulation: int
+  micro_batches_per_epoch: int
+  steps_per_epoch: int
+  total_steps: int
+
+  @classmethod
+  def create(cls, num_examples: int, micro_batch_size: int, accumulation: int, num_train_epochs: float,
+             max_steps: int) -> 'Geometry':
+    micro_batches = pipeline.num_batches(num_examples, micro_batch_size)
+    steps_per_epoch = max(math.ceil(micro_batches / accumulation), 1)
+    total = max_steps if max_steps > 0 else math.ceil(num_train_epochs * steps_per_epoch)
+    return cls(micro_batch_size, accumulation, micro_batches, steps_per_epoch, total)
+
+
+def count_loss_tokens(batch: dict[str, np.ndarray]) -> int:
+  """The number of next-token targets with weight 1 (host-side twin of loss.next_token_targets)."""
+  seg = batch['segment_ids']
+  target = (batch['loss_mask'][:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] != 0)
+  return int(target.sum())
+
+
+def load_tokenizer(config: config_dict.ConfigDict, model_dir: str):
+  """The tokenizer with the config's chat_template / eos_token overrides applied (as TRL does)."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  name = config.tokenizer_name_or_path
+  tok_dir = str(hf.resolve_model_dir(name, config.model_revision)) if name else model_dir
+  try:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
+  except (OSError, ValueError) as e:
+    field = 'tokenizer_name_or_path' if name else 'model_name_or_path'
+    raise InputError(f'config field {field!r}: cannot load a tokenizer from {tok_dir!r} '
+                     f'({" ".join(str(e).split())[:200]})') from None
+  template = config_lib.load_chat_template(config.chat_template)
+  if template:
+    tokenizer.chat_template = template
+  if config.eos_token:
+    if config.eos_token not in tokenizer.get_vocab():
+      raise InputError(f"config field 'eos_token': {config.eos_token!r} is not in the tokenizer's vocabulary")
+    tokenizer.eos_token = config.eos_token
+  if tokenizer.pad_token is None:
+    tokenizer.pad_token = tokenizer.eos_token
+  return tokenizer
+
+
+def prepare_output_dir(output_dir: str) -> None:
+  """Refuses to reuse a directory that holds an earlier run: nothing written is ever overwritten."""
+  if os.path.exists(os.path.join(output_dir, 'metrics.jsonl')):
+    raise InputError(f"config field 'output_dir': {output_dir!r} already holds a run (metrics.jsonl); "
+                     'choose another output_dir or remove that one')
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise InputError(f"config field 'output_dir': {output_dir!r} exists and is not a directory")
+
+
+def write_resolved_config(config: config_dict.ConfigDict, output_dir: str, extra: dict) -> None:
+  if not metrics_lib.is_main_process():
+    return
+  os.makedirs(output_dir, exist_ok=True)
+  resolved = json.loads(config.to_json_best_effort())
+  resolved['resolved'] = extra
+  tmp = os.path.join(output_dir, 'config.json.tmp')
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(resolved, f, indent=2, sort_keys=True)
+  os.replace(tmp, os.path.join(output_dir, 'config.json'))
+
+
+def epoch_steps(examples, geometry: Geometry, *, seq_len: int, pad_id: int, seed: int,
+                epoch: int) -> Iterator[list[dict[str, np.ndarray]]]:
+  """The optimizer steps of one epoch, each a list of `accumulation` micro-batches.
+
+  As in transformers' Trainer, the last step of an epoch takes the micro-batches left over; here it is
+  filled up with empty micro-batches (no loss tokens, zero gradient) so every step has the same shape.
+  """
+  batches = pipeline.padded_batches(examples, batch_size=geometry.micro_batch_size, seq_len=seq_len,
+                                    pad_id=pad_id, seed=seed, epoch=epoch)
+  group = []
+  for batch in batches:
+    group.append(batch)
+    if len(group) == geometry.accumulation:
+      yield group
+      group = []
+  if group:
+    empty = {k: np.zeros_like(v) for k, v in group[0].items()}
+    empty['input_ids'][:] = pad_id
+    yield group + [empty] * (geometry.accumulation - len(group))
+
+
+class TrainStep:
+  """The jitted micro-step: forward, chunked masked cross-entropy, gradients, optax update."""
+
+  def __init__(self, graphdef, rest, tx: optax.GradientTransformation, loss_chunk_size: int):
+    self.graphdef = graphdef
+    self.rest = rest  # Non-trainable variables (none today), kept out of the optimizer.
+    self.tx = tx
+    self.loss_chunk_size = loss_chunk_size
+    self.step = jax.jit(self._step, donate_argnums=(0,))
+
+  def loss_sums(self, params, batch):
+    model = nnx.merge(self.graphdef, params, self.rest)
+    hidden_BxTxD = model.hidden_states(batch['input_ids'], batch['positions'], batch['segment_ids'])
+    targets_BxT, weights_BxT = loss_lib.next_token_targets(batch['input_ids'], batch['loss_mask'],
+                                                           batch['segment_ids'])
+    return loss_lib.cross_entropy_sums(hidden_BxTxD, model.unembedding(), targets_BxT, weights_BxT,
+                                       chunk_size=self.loss_chunk_size)
+
+  def _step(self, state, batch, inv_step_tokens):
+    params, opt_state = state['params'], state['opt_state']
+
+    def objective(p):
+      sums = self.loss_sums(p, batch)
+      return sums['loss_sum'] * inv_step_tokens, sums
+
+    grads, sums = jax.grad(objective, has_aux=True)(params)
+    # The step's accumulated gradient so far (MultiSteps sums micro-gradients): its norm at the last
+    # micro-step is the pre-clipping grad_norm of the optimizer step.
+    acc_grads = jax.tree.map(jnp.add, opt_state.acc_grads, grads)
+    sums['grad_norm'] = optim.global_norm(acc_grads)
+    updates, opt_state = self.tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return {'params': params, 'opt_state': opt_state}, sums
+
+
+def build_model(config, model_dir: str, model_cfg: transformer.ModelConfig):
+  if config.model_init == 'random':
+    return hf.init_random(model_cfg, config.seed)
+  return hf.load_pretrained(model_dir, model_cfg)
+
+
+def run(config: config_dict.ConfigDict) -> dict[str, Any]:
+  """Trains per `config`; returns the final metrics row. Raises InputError for bad input."""
+  config_lib.validate(config)
+  prepare_output_dir(config.output_dir)
+
+  # Everything that can fail on user input happens before any device work.
+  mesh = sharding.make_mesh(config.mesh)
+  model_dir = str(hf.resolve_model_dir(config.model_name_or_path, config.model_revision))
+  hf_cfg = hf.read_hf_config(model_dir)
+  model_cfg = hf.model_config_from_hf(
+      hf_cfg, dtype='bfloat16' if config.bf16 else 'float32', param_dtype='float32',
+      attention_impl=config.model.attention_impl, remat=config_lib.remat_policy(config))
+  tokenizer = load_tokenizer(config, model_dir)
+  if len(tokenizer) > model_cfg.vocab_size:
+    raise InputError(f'the tokenizer has {len(tokenizer)} tokens but the model at {model_dir!r} '
+                     f'embeds only {model_cfg.vocab_size}')
+  splits = sources.load_splits(dataset_name=config.dataset_name, dataset_config=config.dataset_config,
+                               dataset_train_split=config.dataset_train_split,
+                               dataset_test_split=config.dataset_test_split, need_eval=False)
+  data = pipeline.tokenize_dataset(
+      splits.train, tokenizer, max_length=config.max_length, assistant_only_loss=config.assistant_only_loss,
+      completion_only_loss=config.completion_only_loss, dataset_text_field=config.dataset_text_field,
+      origin=splits.origin if hasattr(splits, 'origin') else None)
+  log(f'data: {data.num_rows} rows from {splits.train_name}; {len(data.examples)} kept, '
+      f'{data.num_dropped} dropped (no loss token after truncation to max_length={config.max_length}), '
+      f'{data.num_truncated} truncated, {data.num_loss_tokens} loss tokens')
+
+  micro_batch_size = config.per_device_train_batch_size * jax.device_count()
+  geometry = Geometry.create(len(data.examples), micro_batch_size, config.gradient_accumulation_steps,
+                             config.num_train_epochs, config.max_steps)
+  warmup = optim.num_warmup_steps(geometry.total_steps, config.warmup_steps, config.warmup_ratio)
+  tx, schedule = optim.make_optimizer(
+      learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
+      total_steps=geometry.total_steps, warmup_steps=config.warmup_steps, warmup_ratio=config.warmup_ratio,
+      min_lr_rate=config.min_lr_rate, weight_decay=config.weight_decay, adam_beta1=config.adam_beta1,
+      adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon, max_grad_norm=config.max_grad_norm,
+      gradient_accumulation_steps=config.gradient_accumulation_steps)
+  write_resolved_config(config, config.output_dir, {
+      'num_devices': jax.device_count(), 'num_processes': jax.process_count(),
+      'mesh': dict(mesh.shape), 'micro_batch_size': micro_batch_size,
+      'global_batch_size': micro_batch_size * geometry.accumulation,
+      'steps_per_epoch': geometry.steps_per_epoch, 'total_steps': geometry.total_steps,
+      'warmup_steps': warmup, 'num_examples': len(data.examples), 'num_dropped': data.num_dropped,
+      'model': dataclasses.asdict(model_cfg)})
+  log(f'training {geometry.total_steps} steps ({geometry.steps_per_epoch} per epoch) of '
+      f'{geometry.accumulation} × {micro_batch_size} rows × {config.max_length} tokens on '
+      f'{jax.device_count()} {jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}')
+
+  with jax.set_mesh(mesh):
+    model = build_model(config, model_dir, model_cfg)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.device_put(params, sharding.replicated(mesh))
+    opt_state = jax.jit(tx.init)(params)
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    log(f'model: {hf_cfg.get("model_type")} with {num_params / 1e6:.2f}M parameters '
+        f'({"random init" if config.model_init == "random" else "from " + model_dir}), '
+        f'compute {model_cfg.dtype}, remat {model_cfg.remat}')
+    state = {'params': params, 'opt_state': opt_state}
+    step_fn = TrainStep(graphdef, rest, tx, config.model.loss_chunk_size)
+    state, last_row = _train_loop(config, mesh, step_fn, state, data, geometry, schedule, model_cfg,
+                                   tokenizer.pad_token_id)
+    model = nnx.merge(graphdef, state['params'], rest)
+    export_dir = export_hf(model, hf_cfg, tokenizer, model_dir, config.output_dir,
+                           dtype='bfloat16' if config.bf16 else 'float32')
+    log(f'exported the Hugging Face model to {export_dir}')
+    if config.accuracy_eval_problems > 0:
+      last_row.update(_accuracy_eval(config, model, tokenizer, geometry.total_steps))
+  return last_row
+
+
+def _train_loop(config, mesh, step_fn: TrainStep, state, data, geometry: Geometry, schedule, model_cfg,
+                pad_id: int):
+  writer = metrics_lib.MetricsWriter(config.output_dir)
+  throughput = metrics_lib.Throughput(model_cfg, config.max_length, jax.device_count())
+  bar = tqdm.tqdm(total=geometry.total_steps, disable=config.disable_tqdm or not metrics_lib.is_main_process(),
+                  dynamic_ncols=True, desc='train')
+  window_losses, window_sums, last_row = [], [], {}
+  num_tokens_total = 0
+  window_all_tokens = 0
+  step, epoch = 0, 0
+  t_start = time.perf_counter()
+  try:
+    while step < geometry.total_steps:
+      for micro_batches in epoch_steps(data.examples, geometry, seq_len=config.max_length, pad_id=pad_id,
+                                       seed=config.seed, epoch=epoch):
+        step_tokens = sum(count_loss_tokens(b) for b in micro_batches)
+        inv = jnp.float32(1.0 / max(step_tokens, 1))
+        step_sums = []
+        for batch in micro_batches:
+          window_all_tokens += int((batch['segment_ids'] > 0).sum())
+          state, sums = step_fn.step(state, sharding.global_batch(mesh, batch), inv)
+          step_sums.append(sums)
+        step += 1
+        num_tokens_total += step_tokens
+        window_sums.append((step_sums, step_tokens))
+        if step == 1:
+          jax.block_until_ready(state)
+          log(f'first step (compilation included) took {time.perf_counter() - t_start:.1f}s')
+          throughput.reset()
+          window_sums, window_all_tokens = [], 0
+          window_sums.append((step_sums, step_tokens))
+        bar.update(1)
+        if step % config.logging_steps == 0 or step == geometry.total_steps:
+          last_row = _log_row(window_sums, step, geometry, schedule, num_tokens_total, throughput,
+                              window_all_tokens)
+          writer.write(last_row)
+          bar.set_postfix(loss=f'{last_row["loss"]:.4f}', tok_s=f'{last_row["tokens_per_second"]:.0f}')
+          log(' '.join(f'{k}={_fmt(v)}' for k, v in last_row.items()))
+          window_sums, window_all_tokens = [], 0
+        if step >= geometry.total_steps:
+          break
+      epoch += 1
+  finally:
+    bar.close()
+    writer.close()
+  return state, last_row
+
+
+def _log_row(window, step, geometry, schedule, num_tokens_total, throughput, window_all_tokens) -> dict:
+  """Reduces a logging window of steps to one metrics row (mean of the per-step losses, as TRL)."""
+  host = jax.device_get([[s for s in sums] for sums, _ in window])
+  losses, accs, ents, window_tokens = [], [], [], 0
+  for step_sums, step_tokens in zip(host, (t for _, t in window)):
+    loss_sum = sum(float(s['loss_sum']) for s in step_sums)
+    num = sum(float(s['num_tokens']) for s in step_sums)
+    losses.append(loss_sum / max(num, 1.0))
+    accs.append(sum(float(s['num_correct']) for s in step_sums) / max(num, 1.0))
+    ents.append(sum(float(s['entropy_sum']) for s in step_sums) / max(num, 1.0))
+    window_tokens += step_tokens
+  row = {
+      'step': step,
+      'loss': float(np.mean(losses)),
+      'learning_rate': float(schedule(step - 1)),
+      'grad_norm': float(host[-1][-1]['grad_norm']),
+      'mean_token_accuracy': float(np.mean(accs)),
+      'entropy': float(np.mean(ents)),
+      'num_tokens': int(num_tokens_total),
+      'epoch': step / geometry.steps_per_epoch,
+  }
+  row.update(throughput.measure(window_tokens, window_all_tokens))
+  return row
+
+
+def _fmt(v):
+  if isinstance(v, float):
+    return f'{v:.4g}'
+  return str(v)
+
+
+def export_hf(model, hf_cfg: dict, tokenizer, model_dir: str, output_dir: str, *, dtype: str) -> str:
+  """OUTPUT_DIR/hf: safetensors + config + tokenizer + generation_config with the training eos.
+
+  Written to a temporary directory first and renamed, so a crash never leaves a half-written `hf/`.
+  """
+  final = os.path.join(output_dir, 'hf')
+  if not metrics_lib.is_main_process():
+    return final
+  tmp = final + '.tmp'
+  shutil.rmtree(tmp, ignore_errors=True)
+  hf.save_pretrained(model, hf_cfg, tmp, dtype=dtype)
+  tokenizer.save_pretrained(tmp)
+  generation = {}
+  source = os.path.join(model_dir, 'generation_config.json')
+  if os.path.isfile(source):
+    with open(source, encoding='utf-8') as f:
+      generation = json.load(f)
+  generation.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+  if tokenizer.bos_token_id is not None:
+    generation['bos_token_id'] = tokenizer.bos_token_id
+  with open(os.path.join(tmp, 'generation_config.json'), 'w', encoding='utf-8') as f:
+    json.dump(generation, f, indent=2, sort_keys=True)
+  if os.path.exists(final):
+    shutil.rmtree(final)
+  os.replace(tmp, final)
+  return final
+
+
+def _accuracy_eval(config, model, tokenizer, step: int) -> dict:
+  from jaxsft.data import synthetic  # pylint: disable=import-outside-toplevel
+  if not config.dataset_name.startswith('synthetic:'):
+    raise InputError("config field 'accuracy_eval_problems' needs a 'synthetic:' dataset_name")
+  problems = synthetic.held_out_problems(config.accuracy_eval_problems, config.seed)
+  t0 = time.perf_counter()
+  accuracy, samples = synthetic.evaluate_accuracy(model, tokenizer, problems,
+                                                  max_new_tokens=config.accuracy_eval_max_new_tokens)
+  for sample in samples[:3]:
+    log(f'sample: {json.dumps(sample)}')
+  log(f'held-out exact-match accuracy: {accuracy:.1%} on {len(problems)} problems '
+      f'({time.perf_counter() - t0:.1f}s of greedy decoding)')
+  row = {'step': step, 'eval_accuracy': accuracy, 'eval_problems': len(problems)}
+  metrics_lib.MetricsWriter(config.output_dir).write(row)
+  return row
