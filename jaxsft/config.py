@@ -115,6 +115,8 @@ def validate(config: config_dict.ConfigDict) -> None:
   _choice(config.model.attention_impl, 'model.attention_impl', ATTENTION_IMPLS)
   if config.model.remat is not None:
     _choice(config.model.remat, 'model.remat', REMAT_POLICIES)
+  if config.model.loss_chunk_size < 1:
+    raise InputError(f"config field 'model.loss_chunk_size' must be positive, got {config.model.loss_chunk_size}")
   for field in ('learning_rate', 'per_device_train_batch_size', 'per_device_eval_batch_size',
                 'gradient_accumulation_steps', 'max_length', 'logging_steps', 'adam_epsilon'):
     _positive(config, field)
