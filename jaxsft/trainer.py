@@ -192,10 +192,11 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
   data = pipeline.tokenize_dataset(
       splits.train, tokenizer, max_length=config.max_length, assistant_only_loss=config.assistant_only_loss,
       completion_only_loss=config.completion_only_loss, dataset_text_field=config.dataset_text_field,
-      origin=splits.origin if hasattr(splits, 'origin') else None)
+      origin=splits.origin)
   log(f'data: {data.num_rows} rows from {splits.train_name}; {len(data.examples)} kept, '
       f'{data.num_dropped} dropped (no loss token after truncation to max_length={config.max_length}), '
-      f'{data.num_truncated} truncated, {data.num_loss_tokens} loss tokens')
+      f'{data.num_truncated} truncated, {data.num_loss_tokens} loss tokens; format {data.fmt}'
+      + (f', assistant mask from {data.assistant_mask_method}' if data.assistant_mask_method else ''))
 
   micro_batch_size = config.per_device_train_batch_size * jax.device_count()
   geometry = Geometry.create(len(data.examples), micro_batch_size, config.gradient_accumulation_steps,
@@ -218,9 +219,12 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
       f'{geometry.accumulation} × {micro_batch_size} rows × {config.max_length} tokens on '
       f'{jax.device_count()} {jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}')
 
+  # Parameters carry logical axis names; until the logical → mesh rules exist (sharding issue) the model
+  # is built off-mesh and replicated explicitly.
+  model = build_model(config, model_dir, model_cfg)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  del model
   with jax.set_mesh(mesh):
-    model = build_model(config, model_dir, model_cfg)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.device_put(params, sharding.replicated(mesh))
     opt_state = jax.jit(tx.init)(params)
     num_params = sum(x.size for x in jax.tree.leaves(params))
