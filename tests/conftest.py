@@ -1,0 +1,109 @@
+"""Shared pytest fixtures."""
+
+import pathlib
+
+import numpy as np
+import pytest
+
+# ----------------------------------------------------------------------------------------------------------
+# Tiny Hugging Face models (tests/test_model.py, tests/test_hf.py).
+#
+# Random transformers models small enough for CPU, with weights drawn at O(1) scale (unit-variance
+# embeddings, 1/sqrt(fan_in) kernels, non-zero biases, norm scales around 1) so attention patterns, biases and
+# RoPE all move the logits well past the 1e-4 comparison tolerance; transformers' own init (std 0.02, zero
+# biases, unit norms) would leave them nearly invisible.
+
+TINY_VOCAB = 300
+_TINY_BASE = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+# name → (transformers config class, overrides of _TINY_BASE).
+TINY_HF_CONFIGS = {
+    'qwen2': ('Qwen2Config', {}),
+    'qwen2_sliding': ('Qwen2Config', dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=4,
+                                          max_window_layers=1)),
+    'qwen3': ('Qwen3Config', dict(head_dim=24, rope_parameters={'rope_type': 'default', 'rope_theta': 1e6})),
+    'qwen3_yarn': ('Qwen3Config', dict(head_dim=16, rope_parameters={
+        'rope_type': 'yarn', 'rope_theta': 10000.0, 'factor': 4.0, 'original_max_position_embeddings': 16})),
+    'llama3': ('LlamaConfig', dict(attention_bias=True, mlp_bias=True, rope_parameters={
+        'rope_type': 'llama3', 'rope_theta': 10000.0, 'factor': 8.0, 'low_freq_factor': 1.0,
+        'high_freq_factor': 4.0, 'original_max_position_embeddings': 32})),
+    'mistral': ('MistralConfig', dict(sliding_window=5)),
+    'llama_tied': ('LlamaConfig', dict(tie_word_embeddings=True)),
+}
+
+
+class TinyHF:
+  """Builds, saves and runs tiny random transformers models."""
+
+  configs = TINY_HF_CONFIGS
+  vocab_size = TINY_VOCAB
+
+  def __init__(self, root: pathlib.Path):
+    self.root = root
+    self._count = 0
+
+  def model(self, name: str, seed: int = 0, **overrides):
+    """A float32 eval-mode `*ForCausalLM` with eager attention and O(1) random weights."""
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+    cls_name, kwargs = TINY_HF_CONFIGS[name]
+    config = getattr(transformers, cls_name)(**{**_TINY_BASE, **kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation='eager')
+    model = model.to(torch.float32).eval()
+    with torch.no_grad():
+      for pname, p in model.named_parameters():
+        if 'norm' in pname:
+          p.copy_(1.0 + 0.3 * torch.randn_like(p))
+        elif pname.endswith('bias'):
+          p.copy_(0.5 * torch.randn_like(p))
+        elif 'embed_tokens' in pname:
+          p.normal_(0.0, 1.0)
+        else:
+          p.normal_(0.0, p.shape[1] ** -0.5)
+    return model
+
+  def save(self, model, **save_kwargs) -> pathlib.Path:
+    """`model.save_pretrained` into a fresh directory."""
+    self._count += 1
+    path = self.root / f'hf{self._count}'
+    model.save_pretrained(path, **save_kwargs)
+    return path
+
+  @staticmethod
+  def batch(padding: str, *, batch: int = 2, length: int = 12, seed: int = 0):
+    """(tokens, mask, positions) int arrays [B, T] with `padding` ('right' | 'left') of 3 and 5 tokens.
+
+    positions = cumsum(mask) - 1 clipped at 0, the convention both models get.
+    """
+    rng = np.random.RandomState(seed)
+    tokens = rng.randint(0, TINY_VOCAB, (batch, length))
+    mask = np.ones((batch, length), np.int64)
+    for row, pad in zip(range(batch), (3, 5, 0, 7)):
+      if pad:
+        if padding == 'right':
+          mask[row, -pad:] = 0
+        else:
+          mask[row, :pad] = 0
+    tokens = np.where(mask > 0, tokens, 0)
+    positions = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None)
+    return tokens, mask, positions
+
+  @staticmethod
+  def logits(model, tokens, mask=None, positions=None) -> np.ndarray:
+    """transformers' float32 logits [B, T, V] with the attention mask and explicit position ids."""
+    import torch  # pylint: disable=import-outside-toplevel
+    # use_cache=False: with a cache, transformers ignores packed (restarting) position_ids.
+    kwargs = {'input_ids': torch.as_tensor(np.asarray(tokens)), 'use_cache': False}
+    if mask is not None:
+      kwargs['attention_mask'] = torch.as_tensor(np.asarray(mask))
+    if positions is not None:
+      kwargs['position_ids'] = torch.as_tensor(np.asarray(positions))
+    with torch.no_grad():
+      return model(**kwargs).logits.float().numpy()
+
+
+@pytest.fixture(scope='session')
+def tiny_hf(tmp_path_factory) -> TinyHF:
+  return TinyHF(tmp_path_factory.mktemp('tiny_hf'))
+
