@@ -68,7 +68,8 @@ def load_tokenizer(config: config_dict.ConfigDict, model_dir: str):
   """The tokenizer with the config's chat_template / eos_token overrides applied (as TRL does)."""
   import transformers  # pylint: disable=import-outside-toplevel
   name = config.tokenizer_name_or_path
-  tok_dir = str(hf.resolve_model_dir(name, config.model_revision)) if name else model_dir
+  tok_dir = (str(hf.resolve_model_dir(name, config.model_revision, field='tokenizer_name_or_path',
+                                      require_config=False)) if name else model_dir)
   try:
     tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
   except (OSError, ValueError) as e:

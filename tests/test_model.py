@@ -160,13 +160,14 @@ def test_remat_full_rematerialises(tiny_hf):
   tokens = jnp.zeros((1, 4), jnp.int32)
 
   def grad_jaxpr(remat):
-    model = hf.init_random(transformer.ModelConfig(**{**cfg.__dict__, 'remat': remat}), 0)
-    graphdef, params = nnx.split(model)
+    remat_cfg = transformer.ModelConfig(**{**cfg.__dict__, 'remat': remat})
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: transformer.Transformer(remat_cfg, rngs=nnx.Rngs(0))))
     loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(tokens, tokens, tokens + 1))
     return str(jax.make_jaxpr(jax.grad(loss))(params))
 
-  assert grad_jaxpr('full').count('remat') + grad_jaxpr('full').count('checkpoint') >= cfg.num_layers
-  assert 'remat' not in grad_jaxpr('none') and 'checkpoint' not in grad_jaxpr('none')
+  full, none = grad_jaxpr('full'), grad_jaxpr('none')
+  assert full.count('remat') + full.count('checkpoint') >= cfg.num_layers
+  assert 'remat' not in none and 'checkpoint' not in none
 
 
 _ROPE_CASES = {
@@ -260,24 +261,38 @@ _AXES = {
 
 @pytest.mark.parametrize('name', ['llama3', 'qwen3', 'llama_tied'])
 def test_every_parameter_has_logical_axis_names(tiny_hf, name):
-  cfg = hf.model_config_from_hf(tiny_hf.model(name).config.to_dict())
-  model = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0)))
-  seen = set()
-  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    key = '.'.join(str(p) for p in (path[2:] if path[0] == 'layers' else path))
-    names = variable.get_metadata().get('out_sharding')
-    assert names == _AXES[key], key
-    assert len(names) == len(variable.shape), key
-    seen.add(key)
-  assert ('lm_head.kernel' in seen) == (not cfg.tie_word_embeddings)
-  assert ('self_attn.q_norm.scale' in seen) == cfg.qk_norm
-  assert ('mlp.down_proj.bias' in seen) == cfg.mlp_bias
+  path = tiny_hf.save(tiny_hf.model(name))
+  cfg = hf.model_config_from_hf(hf.read_hf_config(path))
+  abstract = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0)))
+  for model in (abstract, hf.load_pretrained(path, cfg)):
+    seen = set()
+    for param_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+      key = '.'.join(str(p) for p in (param_path[2:] if param_path[0] == 'layers' else param_path))
+      names = variable.get_metadata().get('out_sharding')
+      assert names == _AXES[key], key
+      assert len(names) == len(variable.shape), key
+      seen.add(key)
+    assert ('lm_head.kernel' in seen) == (not cfg.tie_word_embeddings)
+    assert ('self_attn.q_norm.scale' in seen) == cfg.qk_norm
+    assert ('mlp.down_proj.bias' in seen) == cfg.mlp_bias
+
+
+@pytest.mark.parametrize('name', ['qwen2', 'llama_tied'])
+def test_hidden_states_times_unembedding_are_the_logits(tiny_hf, name):
+  """The trainer's chunked loss uses hidden_states() and unembedding() instead of __call__."""
+  model = _load(tiny_hf, tiny_hf.model(name))
+  tokens, mask, positions = tiny_hf.batch('left')
+  args = [jnp.asarray(x, jnp.int32) for x in (tokens, positions, mask)]
+  hidden = model.hidden_states(*args)
+  unembedding = model.unembedding()
+  assert hidden.shape == (*tokens.shape, model.cfg.hidden_size)
+  assert unembedding.shape == (model.cfg.hidden_size, model.cfg.vocab_size)
+  np.testing.assert_allclose(np.asarray(hidden @ unembedding), np.asarray(model(*args)), rtol=0, atol=1e-5)
 
 
 def test_model_builds_without_a_mesh_and_under_one(tiny_hf):
   """Logical names are metadata only: building needs no mesh or axis rules, nor fails under a mesh."""
   cfg = hf.model_config_from_hf(tiny_hf.model('qwen2').config.to_dict())
-  hf.init_random(cfg, 0)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ('data', 'fsdp', 'tensor'),
                            axis_types=(jax.sharding.AxisType.Auto,) * 3)
   with jax.set_mesh(mesh):

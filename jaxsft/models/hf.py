@@ -1,0 +1,517 @@
+"""Hugging Face in both directions: model directories, config.json → ModelConfig, safetensors ⇄ NNX params.
+
+No torch: safetensors files are read and written here directly (an 8-byte header length, a JSON header,
+then the raw little-endian tensors), memory-mapped on read, with bfloat16 through `ml_dtypes`, so every
+safetensors version and every dtype behaves the same. Loading builds the module abstractly
+(`nnx.eval_shape`) and fills its leaves tensor by tensor, so the model is materialised once.
+
+Layouts: HF `nn.Linear.weight` is [out, in]; our kernels are [in..., out...] with heads split out
+(q_proj [embed, q_heads, head_dim], o_proj [q_heads, head_dim, embed]), so conversion is a transpose and a
+reshape. Names map `layers.3.mlp.up_proj.kernel` ⇄ `model.layers.3.mlp.up_proj.weight`; `lm_head.kernel`
+⇄ `lm_head.weight`, absent when the embeddings are tied.
+
+config.json is interpreted as transformers 5.24's configuration classes do (defaults, `rope_parameters` or
+the older top-level `rope_theta`/`rope_scaling`, Qwen2/Qwen3 `layer_types`/`use_sliding_window`/
+`max_window_layers`, Mistral's `sliding_window` on every layer).
+"""
+
+import json
+import math
+import os
+import pathlib
+import re
+import struct
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from jaxsft.errors import InputError
+from jaxsft.models.transformer import ModelConfig
+from jaxsft.models.transformer import Transformer
+
+MODEL_TYPES = ('llama', 'qwen2', 'qwen3', 'mistral')
+SINGLE_FILE = 'model.safetensors'
+INDEX_FILE = 'model.safetensors.index.json'
+HUB_PATTERNS = ['*.json', '*.safetensors', '*.jinja', '*.txt', '*.model', '*.tiktoken']
+_HUB_ID = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?$')
+
+# transformers 5.24 class defaults for the fields a config.json may leave out.
+_MAX_POSITION_EMBEDDINGS = {'llama': 2048, 'qwen2': 32768, 'qwen3': 32768, 'mistral': 4096 * 32}
+_DEFAULT_SLIDING_WINDOW = 4096
+_DEFAULT_MAX_WINDOW_LAYERS = 28
+_LAYER_TYPES = ('full_attention', 'sliding_attention')
+
+_ST_DTYPES = {
+    'F64': np.dtype(np.float64), 'F32': np.dtype(np.float32), 'F16': np.dtype(np.float16),
+    'BF16': np.dtype(ml_dtypes.bfloat16), 'I64': np.dtype(np.int64), 'I32': np.dtype(np.int32),
+    'I16': np.dtype(np.int16), 'I8': np.dtype(np.int8), 'U8': np.dtype(np.uint8), 'BOOL': np.dtype(np.bool_),
+}
+_SAVE_DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16),
+                'float16': np.dtype(np.float16)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model directories and config.json.
+
+
+def resolve_model_dir(name_or_path: str, revision: str | None = None, *, field: str = 'model_name_or_path',
+                      require_config: bool = True) -> pathlib.Path:
+  """A local model directory, or a hub id downloaded (json, safetensors and tokenizer files only).
+
+  Args:
+    name_or_path: a local directory or a Hugging Face hub id (`org/name`).
+    revision: hub revision (branch, tag or commit); unused for local directories.
+    field: the config field named in errors.
+    require_config: whether the directory must hold a config.json.
+
+  Raises:
+    InputError: a missing local path, an id that cannot be fetched, or no config.json.
+  """
+  text = str(name_or_path)
+  path = pathlib.Path(text).expanduser()
+  if path.is_dir():
+    path = path.resolve()
+  elif path.exists():
+    raise InputError(f'config field {field!r}: {text!r} is a file, not a model directory')
+  elif not _HUB_ID.match(text):
+    raise InputError(f'config field {field!r}: no such directory {text!r}')
+  else:
+    import huggingface_hub  # pylint: disable=import-outside-toplevel
+    try:
+      path = pathlib.Path(huggingface_hub.snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # pylint: disable=broad-except
+      reason = ' '.join(str(e).split())[:200]
+      raise InputError(f'config field {field!r}: {text!r} is not a local directory and could not be fetched '
+                       f'from the Hugging Face hub ({type(e).__name__}: {reason})') from None
+  if require_config and not (path / 'config.json').is_file():
+    raise InputError(f'config field {field!r}: {str(path)!r} has no config.json')
+  return path
+
+
+def read_hf_config(model_dir) -> dict:
+  """config.json of `model_dir` as a dict."""
+  path = pathlib.Path(model_dir) / 'config.json'
+  try:
+    with open(path, encoding='utf-8') as f:
+      cfg = json.load(f)
+  except OSError as e:
+    raise InputError(f'{path}: cannot read ({e.strerror or e})') from None
+  except json.JSONDecodeError as e:
+    raise InputError(f'{path}: malformed JSON ({e})') from None
+  if not isinstance(cfg, dict):
+    raise InputError(f'{path}: expected a JSON object, got {type(cfg).__name__}')
+  return cfg
+
+
+def _field(hf_cfg: dict, key: str, default: Any = None, *, required: bool = False) -> Any:
+  if hf_cfg.get(key) is None:
+    if required:
+      raise InputError(f'config.json: {key!r} is missing')
+    return default
+  return hf_cfg[key]
+
+
+def _positive_int(hf_cfg: dict, key: str, default: int | None = None) -> int:
+  value = _field(hf_cfg, key, default, required=default is None)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise InputError(f'config.json: {key!r} must be a positive integer, got {value!r}')
+  return value
+
+
+def _hashable(value: Any) -> Any:
+  if isinstance(value, list):
+    return tuple(_hashable(v) for v in value)
+  if isinstance(value, dict):
+    return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+  return value
+
+
+def _rope(hf_cfg: dict, model_type: str, layer_types: list[str]) -> tuple[float, tuple | None]:
+  """(rope_theta, rope_scaling) the way transformers standardises `rope_parameters`."""
+  params = hf_cfg.get('rope_scaling') or hf_cfg.get('rope_parameters') or {}
+  if not isinstance(params, dict):
+    raise InputError(f'config.json: rope_parameters must be an object, got {params!r}')
+  nested = [k for k in params if k in set(layer_types)]
+  if nested:  # Per-layer-type RoPE: fine only if every layer type has the same one.
+    variants = {json.dumps(params[k], sort_keys=True) for k in nested}
+    if len(variants) > 1:
+      raise InputError('config.json: rope_parameters that differ per layer type are not supported')
+    params = params[nested[0]]
+  params = dict(params)
+  theta = params.get('rope_theta')
+  if theta is None:
+    theta = hf_cfg.get('rope_theta', 10000.0)
+  params.pop('rope_theta', None)
+  if hf_cfg.get('partial_rotary_factor') is not None:
+    params.setdefault('partial_rotary_factor', hf_cfg['partial_rotary_factor'])
+  rope_type = params.pop('type', None)
+  rope_type = params.get('rope_type', rope_type) or 'default'
+  params['rope_type'] = rope_type
+  if rope_type in ('llama3', 'yarn', 'longrope'):
+    max_positions = hf_cfg.get('max_position_embeddings', _MAX_POSITION_EMBEDDINGS[model_type])
+    if hf_cfg.get('original_max_position_embeddings') is not None:
+      params['original_max_position_embeddings'] = hf_cfg['original_max_position_embeddings']
+    elif params.get('original_max_position_embeddings') is None:
+      params['original_max_position_embeddings'] = max_positions
+    if rope_type == 'yarn' and params.get('factor') is None:
+      params['factor'] = max_positions / params['original_max_position_embeddings']
+  if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+    raise InputError(f'config.json: rope_theta must be a positive number, got {theta!r}')
+  if rope_type == 'default':
+    partial = params.get('partial_rotary_factor', 1.0)
+    return float(theta), (None if partial == 1.0 else (('partial_rotary_factor', partial), ('rope_type', 'default')))
+  return float(theta), _hashable(params)
+
+
+def _sliding_windows(hf_cfg: dict, model_type: str, num_layers: int) -> tuple[int | None, ...] | None:
+  """Per-layer sliding windows as transformers 5.24 resolves them (None everywhere → None)."""
+  if model_type == 'llama':
+    return None
+  if model_type == 'mistral':
+    window = hf_cfg.get('sliding_window', _DEFAULT_SLIDING_WINDOW)
+    windows = (window,) * num_layers
+  else:  # qwen2, qwen3: the window is active only with use_sliding_window, on the `layer_types` layers.
+    window = hf_cfg.get('sliding_window', _DEFAULT_SLIDING_WINDOW) if hf_cfg.get('use_sliding_window') else None
+    layer_types = hf_cfg.get('layer_types')
+    if layer_types is None:
+      first = hf_cfg.get('max_window_layers', _DEFAULT_MAX_WINDOW_LAYERS)
+      layer_types = ['sliding_attention' if window is not None and i >= first else 'full_attention'
+                     for i in range(num_layers)]
+    if (not isinstance(layer_types, list) or len(layer_types) != num_layers
+        or any(t not in _LAYER_TYPES for t in layer_types)):
+      raise InputError(f'config.json: layer_types must list {num_layers} entries from {_LAYER_TYPES}, '
+                       f'got {layer_types!r}')
+    if 'sliding_attention' in layer_types and window is None:
+      raise InputError("config.json: layer_types has 'sliding_attention' layers but no sliding_window "
+                       '(use_sliding_window is false or sliding_window is null)')
+    windows = tuple(window if t == 'sliding_attention' else None for t in layer_types)
+  if all(w is None for w in windows):
+    return None
+  if any(w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1) for w in windows):
+    raise InputError(f'config.json: sliding_window must be a positive integer, got {window!r}')
+  return windows
+
+
+def model_config_from_hf(hf_cfg: dict, *, dtype: str = 'float32', param_dtype: str = 'float32',
+                         attention_impl: str = 'xla', remat: str = 'none') -> ModelConfig:
+  """The ModelConfig of a Llama, Qwen2/2.5, Qwen3 or Mistral config.json (transformers 5.24 semantics)."""
+  model_type = hf_cfg.get('model_type')
+  if model_type not in MODEL_TYPES:
+    raise InputError(f'config.json: model_type {model_type!r} is not supported; supported: {", ".join(MODEL_TYPES)}')
+  act = hf_cfg.get('hidden_act', 'silu')
+  if act not in ('silu', 'swish'):
+    raise InputError(f'config.json: hidden_act {act!r} is not supported (only silu)')
+  hidden = _positive_int(hf_cfg, 'hidden_size')
+  heads = _positive_int(hf_cfg, 'num_attention_heads')
+  kv_heads = _positive_int(hf_cfg, 'num_key_value_heads', heads)
+  if heads % kv_heads:
+    raise InputError(f'config.json: num_attention_heads ({heads}) is not a multiple of num_key_value_heads '
+                     f'({kv_heads})')
+  num_layers = _positive_int(hf_cfg, 'num_hidden_layers')
+  head_dim = _positive_int(hf_cfg, 'head_dim', 128 if model_type == 'qwen3' and 'head_dim' not in hf_cfg
+                           else hidden // heads)
+  if model_type == 'qwen2':
+    qkv_bias, o_bias, mlp_bias = True, False, False
+  elif model_type == 'mistral':
+    qkv_bias, o_bias, mlp_bias = False, False, False
+  else:
+    qkv_bias = o_bias = bool(hf_cfg.get('attention_bias', False))
+    mlp_bias = bool(hf_cfg.get('mlp_bias', False)) if model_type == 'llama' else False
+  layer_types = hf_cfg.get('layer_types') or []
+  rope_theta, rope_scaling = _rope(hf_cfg, model_type, layer_types if isinstance(layer_types, list) else [])
+  return ModelConfig(
+      vocab_size=_positive_int(hf_cfg, 'vocab_size'),
+      hidden_size=hidden,
+      intermediate_size=_positive_int(hf_cfg, 'intermediate_size'),
+      num_layers=num_layers,
+      num_heads=heads,
+      num_kv_heads=kv_heads,
+      head_dim=head_dim,
+      rms_norm_eps=float(hf_cfg.get('rms_norm_eps', 1e-6)),
+      rope_theta=rope_theta,
+      rope_scaling=rope_scaling,
+      qkv_bias=qkv_bias,
+      o_bias=o_bias,
+      mlp_bias=mlp_bias,
+      qk_norm=model_type == 'qwen3',
+      tie_word_embeddings=bool(hf_cfg.get('tie_word_embeddings', False)),
+      sliding_windows=_sliding_windows(hf_cfg, model_type, num_layers),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      attention_impl=attention_impl,
+      remat=remat,
+  )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameter names and layouts.
+
+
+def _hf_name(path: tuple) -> str:
+  """NNX parameter path → HF tensor name."""
+  *module, leaf = (str(p) for p in path)
+  suffix = 'bias' if leaf == 'bias' else 'weight'
+  if module == ['lm_head']:
+    return 'lm_head.' + suffix
+  return 'model.' + '.'.join(module) + '.' + suffix
+
+
+def _num_in_axes(path: tuple) -> int:
+  """How many leading kernel axes are the HF input features (o_proj's are heads × head_dim)."""
+  return 2 if 'o_proj' in path else 1
+
+
+def _to_hf(path: tuple, value: np.ndarray) -> np.ndarray:
+  if path[-1] == 'kernel':
+    n_in = _num_in_axes(path)
+    return np.ascontiguousarray(value.reshape(math.prod(value.shape[:n_in]), -1).T)
+  if path[-1] == 'bias':
+    return value.reshape(-1)
+  return value
+
+
+def _hf_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
+  if path[-1] == 'kernel':
+    n_in = _num_in_axes(path)
+    return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+  if path[-1] == 'bias':
+    return (math.prod(shape),)
+  return tuple(shape)
+
+
+def _from_hf(path: tuple, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  if path[-1] == 'kernel':
+    return tensor.T.reshape(shape)
+  return tensor.reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# safetensors files.
+
+
+def _read_header(path: pathlib.Path) -> tuple[dict, int]:
+  """(header without __metadata__, byte offset of the data section)."""
+  try:
+    size = path.stat().st_size
+    with open(path, 'rb') as f:
+      prefix = f.read(8)
+      if len(prefix) < 8:
+        raise InputError(f'{path}: not a safetensors file (too short)')
+      (header_len,) = struct.unpack('<Q', prefix)
+      if header_len > size - 8:
+        raise InputError(f'{path}: not a safetensors file (header length {header_len} past the end)')
+      header = json.loads(f.read(header_len))
+  except OSError as e:
+    raise InputError(f'{path}: cannot read ({e.strerror or e})') from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise InputError(f'{path}: not a safetensors file (bad header: {e})') from None
+  if not isinstance(header, dict):
+    raise InputError(f'{path}: not a safetensors file (header is not an object)')
+  header.pop('__metadata__', None)
+  start = 8 + header_len
+  for name, info in header.items():
+    try:
+      dtype = _ST_DTYPES[info['dtype']]
+      begin, end = info['data_offsets']
+      count = math.prod(info['shape'])
+    except (KeyError, TypeError, ValueError):
+      raise InputError(f'{path}: tensor {name!r} has an unsupported or malformed header entry {info!r}') from None
+    if end - begin != count * dtype.itemsize or begin < 0 or start + end > size:
+      raise InputError(f'{path}: tensor {name!r} has inconsistent data offsets {info["data_offsets"]}')
+  return header, start
+
+
+class _SafetensorsReader:
+  """Memory-mapped tensors of one or more safetensors files; `get(name)` returns a read-only view."""
+
+  def __init__(self, files: dict[str, pathlib.Path]):
+    self._where = {}  # name → (file, header entry, data start)
+    self._maps = {}
+    for name, path in files.items():
+      if path not in self._maps:
+        header, start = _read_header(path)
+        self._maps[path] = (header, start, None)
+      header, start, _ = self._maps[path]
+      if name not in header:
+        raise InputError(f'{path}: tensor {name!r} is missing (listed in {INDEX_FILE})')
+      self._where[name] = path
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._where
+
+  def names(self) -> list[str]:
+    return list(self._where)
+
+  def file_of(self, name: str) -> pathlib.Path:
+    return self._where[name]
+
+  def get(self, name: str) -> np.ndarray:
+    path = self._where[name]
+    header, start, mm = self._maps[path]
+    if mm is None:
+      mm = np.memmap(path, dtype=np.uint8, mode='r')
+      self._maps[path] = (header, start, mm)
+    info = header[name]
+    begin, end = info['data_offsets']
+    dtype = _ST_DTYPES[info['dtype']].newbyteorder('<')
+    return mm[start + begin:start + end].view(dtype).reshape(info['shape'])
+
+
+def _open_checkpoint(model_dir: pathlib.Path) -> _SafetensorsReader:
+  single = model_dir / SINGLE_FILE
+  index = model_dir / INDEX_FILE
+  if single.is_file():
+    header, _ = _read_header(single)
+    return _SafetensorsReader({name: single for name in header})
+  if index.is_file():
+    try:
+      with open(index, encoding='utf-8') as f:
+        weight_map = json.load(f)['weight_map']
+      files = {name: model_dir / file for name, file in weight_map.items()}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+      raise InputError(f'{index}: not a safetensors index ({type(e).__name__}: {e})') from None
+    for name, path in files.items():
+      if not path.is_file():
+        raise InputError(f'{index}: tensor {name!r} maps to missing file {path.name!r}')
+    return _SafetensorsReader(files)
+  raise InputError(f'{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are supported)')
+
+
+def _write_safetensors(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> None:
+  """Writes `tensors` in the safetensors format (metadata format=pt, as transformers writes)."""
+  dtype_names = {v: k for k, v in _ST_DTYPES.items()}
+  header, offset = {}, 0
+  for name, value in tensors.items():
+    nbytes = value.size * value.dtype.itemsize
+    header[name] = {'dtype': dtype_names[value.dtype], 'shape': list(value.shape),
+                    'data_offsets': [offset, offset + nbytes]}
+    offset += nbytes
+  header['__metadata__'] = {'format': 'pt'}
+  blob = json.dumps(header, separators=(',', ':')).encode('utf-8')
+  blob += b' ' * (-len(blob) % 8)
+  with open(path, 'wb') as f:
+    f.write(struct.pack('<Q', len(blob)))
+    f.write(blob)
+    for value in tensors.values():
+      data = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder('<'))
+      f.write(data.reshape(-1).view(np.uint8).data)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models.
+
+
+def init_random(cfg: ModelConfig, seed: int) -> Transformer:
+  """A freshly initialised model (transformers' init: normal(0.02) weights, zero biases, unit norms)."""
+  return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def load_pretrained(model_dir, cfg: ModelConfig) -> Transformer:
+  """Loads the safetensors weights of `model_dir` (single file or sharded with an index) into `cfg`'s model.
+
+  Raises:
+    InputError: a tensor missing, wrongly shaped, or not part of the architecture, naming tensor and file.
+  """
+  model_dir = pathlib.Path(model_dir)
+  reader = _open_checkpoint(model_dir)
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  leaves = []
+  expected = set()
+  for path, variable in nnx.to_flat_state(state):
+    name = _hf_name(path)
+    expected.add(name)
+    if name not in reader:
+      files = ', '.join(sorted({reader.file_of(n).name for n in reader.names()})) or model_dir.name
+      raise InputError(f'{model_dir}: tensor {name!r} is missing from {files}')
+    tensor = reader.get(name)
+    shape = tuple(variable.shape)
+    hf_shape = _hf_shape(path, shape)
+    if tuple(tensor.shape) != hf_shape:
+      raise InputError(f'{reader.file_of(name)}: tensor {name!r} has shape {list(tensor.shape)}, '
+                       f'expected {list(hf_shape)} from config.json')
+    host = _from_hf(path, tensor, shape)
+    if np.may_share_memory(host, tensor):  # Never hand JAX a view of the memory map (CPU may alias it).
+      host = host.copy()
+    value = jnp.asarray(host).astype(variable.dtype)
+    leaves.append((path, variable.replace(value=value)))
+  ignorable = {'lm_head.weight'} if cfg.tie_word_embeddings else set()
+  for name in reader.names():
+    if name not in expected and name not in ignorable and not name.endswith('rotary_emb.inv_freq'):
+      raise InputError(f'{reader.file_of(name)}: tensor {name!r} is not part of the model that config.json '
+                       'describes')
+  return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def to_hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
+  """The model's parameters as HF tensors (names and layouts), in the parameter dtype, on the host."""
+  out = {}
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    out[_hf_name(path)] = _to_hf(path, np.asarray(jax.device_get(variable[...])))
+  return out
+
+
+def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
+  shards, current, size = [], {}, 0
+  for name, value in tensors.items():
+    if current and size + value.nbytes > max_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[name] = value
+    size += value.nbytes
+  shards.append(current)
+  return shards
+
+
+def _replace_atomically(path: pathlib.Path, write) -> None:
+  tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def save_pretrained(model: Transformer, hf_cfg: dict, out_dir, *, dtype: str = 'float32',
+                    max_shard_bytes: int = 5 * 2**30) -> None:
+  """Writes a Hugging Face model directory: safetensors weights (sharded past `max_shard_bytes`) + config.json.
+
+  Every file is written under a temporary name and renamed, so a crash never leaves a partial file under a
+  final name; weight files of an earlier save that this one does not overwrite are removed.
+  """
+  if dtype not in _SAVE_DTYPES:
+    raise InputError(f'export dtype {dtype!r} is not supported; expected one of {", ".join(_SAVE_DTYPES)}')
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  np_dtype = _SAVE_DTYPES[dtype]
+  tensors = {k: v.astype(np_dtype) for k, v in to_hf_tensors(model).items()}
+  shards = _shards(tensors, max_shard_bytes)
+  written = set()
+  if len(shards) == 1:
+    _replace_atomically(out_dir / SINGLE_FILE, lambda p: _write_safetensors(p, shards[0]))
+    written.add(SINGLE_FILE)
+  else:
+    weight_map = {}
+    for i, shard in enumerate(shards):
+      name = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
+      _replace_atomically(out_dir / name, lambda p, s=shard: _write_safetensors(p, s))
+      weight_map.update({k: name for k in shard})
+      written.add(name)
+    index = {'metadata': {'total_size': sum(v.nbytes for v in tensors.values())}, 'weight_map': weight_map}
+    _replace_atomically(out_dir / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=2) + '\n'))
+    written.add(INDEX_FILE)
+  for stale in out_dir.iterdir():
+    if stale.name not in written and re.fullmatch(r'model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?',
+                                                  stale.name):
+      stale.unlink()
+  config = dict(hf_cfg)
+  config['dtype'] = dtype
+  config['torch_dtype'] = dtype
+  config['tie_word_embeddings'] = model.cfg.tie_word_embeddings
+  _replace_atomically(out_dir / 'config.json',
+                      lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + '\n'))

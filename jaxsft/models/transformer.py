@@ -1,0 +1,361 @@
+"""One Flax NNX decoder for Llama, Qwen2/2.5, Qwen3 and Mistral, selected by flags rather than copies.
+
+The block is the Llama one: RMSNorm → grouped-query attention with RoPE → residual → RMSNorm → SwiGLU MLP →
+residual, then a final RMSNorm and the unembedding. The families differ only in flags of `ModelConfig`:
+q/k/v bias (Qwen2), o and MLP bias (Llama `attention_bias` / `mlp_bias`), per-head q/k RMSNorm (Qwen3),
+tied embeddings, per-layer sliding windows (Mistral, Qwen2/3), and the RoPE variant ('default', 'linear',
+'llama3', 'yarn', computed exactly as transformers' `modeling_rope_utils` does).
+
+Numerics follow transformers: RMSNorm normalises in float32 and casts back before the scale; RoPE angles are
+float32 and cast to the compute dtype; attention softmax is float32. Parameters are stored in
+`cfg.param_dtype` and cast to `cfg.dtype` where used; `__call__` returns float32 logits.
+
+Parameter names mirror Hugging Face (`layers.3.self_attn.q_proj.kernel`), so conversion is a rename plus a
+transpose (see `jaxsft.models.hf`). Every parameter carries logical axis names as `out_sharding` metadata
+(created with `eager_sharding=False`: the model builds without a mesh or axis rules; `jaxsft.sharding`
+turns the names into shardings).
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxsft.errors import InputError
+from jaxsft.models import attention as attention_lib
+
+REMAT_POLICIES = ('none', 'full')
+ROPE_TYPES = ('default', 'linear', 'llama3', 'yarn')
+INIT_STD = 0.02  # transformers' default `initializer_range` for all four families.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The architecture; hashable, so it can be a static argument of `jax.jit`."""
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  # Sorted items of HF `rope_parameters` minus `rope_theta` (rope_type included); None = default RoPE.
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  qk_norm: bool = False
+  tie_word_embeddings: bool = False
+  sliding_windows: tuple[int | None, ...] | None = None  # Per layer; None = full attention everywhere.
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  attention_impl: str = 'xla'
+  remat: str = 'none'
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads', 'num_kv_heads',
+                 'head_dim'):
+      if int(getattr(self, name)) < 1:
+        raise InputError(f'model config: {name} must be positive, got {getattr(self, name)}')
+    if self.num_heads % self.num_kv_heads:
+      raise InputError(f'model config: num_heads ({self.num_heads}) is not a multiple of num_kv_heads '
+                       f'({self.num_kv_heads})')
+    if self.remat not in REMAT_POLICIES:
+      raise InputError(f"config field 'model.remat' is {self.remat!r}; expected one of {', '.join(REMAT_POLICIES)}")
+    attention_lib.check_impl(self.attention_impl)
+    for name in ('dtype', 'param_dtype'):
+      value = getattr(self, name)
+      if value not in ('float32', 'bfloat16', 'float16'):
+        raise InputError(f"model config: {name} is {value!r}; expected 'float32', 'bfloat16' or 'float16'")
+    if self.sliding_windows is not None:
+      if len(self.sliding_windows) != self.num_layers:
+        raise InputError(f'model config: sliding_windows has {len(self.sliding_windows)} entries for '
+                         f'{self.num_layers} layers')
+      if any(w is not None and w < 1 for w in self.sliding_windows):
+        raise InputError(f'model config: sliding windows must be positive, got {self.sliding_windows}')
+    rope_frequencies(self)  # Raises InputError for a RoPE variant that is not implemented.
+
+  def window(self, layer: int) -> int | None:
+    """The sliding window of `layer` (None: full causal attention)."""
+    return None if self.sliding_windows is None else self.sliding_windows[layer]
+
+
+@functools.lru_cache(maxsize=64)
+def rope_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+  """(inv_freq float32 [head_dim / 2], attention_scaling), as transformers' RoPE init functions compute them.
+
+  The arithmetic is float32 with Python-float scalars, in transformers' order of operations, so the
+  frequencies equal transformers' (tests/test_model.py compares them).
+  """
+  params = dict(cfg.rope_scaling or ())
+  rope_type = params.get('rope_type', 'default')
+  if rope_type not in ROPE_TYPES:
+    raise InputError(f'rope_parameters.rope_type {rope_type!r} is not supported; '
+                     f'supported: {", ".join(ROPE_TYPES)}')
+  if params.get('partial_rotary_factor', 1.0) != 1.0:
+    raise InputError(f'rope_parameters.partial_rotary_factor {params["partial_rotary_factor"]} is not supported')
+  dim = cfg.head_dim
+  exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+  # base ** exponent, correctly rounded to float32 (torch's vectorised float32 pow is within 1 ulp of it).
+  pos_freqs = (np.float64(cfg.rope_theta) ** exponents.astype(np.float64)).astype(np.float32)
+  inv_freq = np.float32(1.0) / pos_freqs
+
+  def need(key):
+    if params.get(key) is None:
+      raise InputError(f'rope_parameters.{key} is required for rope_type {rope_type!r}')
+    return params[key]
+
+  scaling = 1.0
+  if rope_type == 'linear':
+    inv_freq = inv_freq / np.float32(need('factor'))
+  elif rope_type == 'llama3':
+    factor = float(need('factor'))
+    low_freq_factor = float(need('low_freq_factor'))
+    high_freq_factor = float(need('high_freq_factor'))
+    old_context_len = float(need('original_max_position_embeddings'))
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    inv_freq_llama = np.where(wavelen > np.float32(low_freq_wavelen), inv_freq / np.float32(factor), inv_freq)
+    smooth = (np.float32(old_context_len) / wavelen - np.float32(low_freq_factor)) / np.float32(
+        high_freq_factor - low_freq_factor)
+    smoothed = (np.float32(1) - smooth) * inv_freq_llama / np.float32(factor) + smooth * inv_freq_llama
+    is_medium = ~(wavelen < np.float32(high_freq_wavelen)) & ~(wavelen > np.float32(low_freq_wavelen))
+    inv_freq = np.where(is_medium, smoothed, inv_freq_llama)
+  elif rope_type == 'yarn':
+    inv_freq, scaling = _yarn(params, dim, float(cfg.rope_theta), pos_freqs)
+  return np.asarray(inv_freq, np.float32), float(scaling)
+
+
+def _yarn(params: dict, dim: int, base: float, pos_freqs: np.ndarray) -> tuple[np.ndarray, float]:
+  """YaRN frequencies and attention factor (transformers' `_compute_yarn_parameters`)."""
+  factor = params.get('factor')
+  original = params.get('original_max_position_embeddings')
+  if factor is None or original is None:
+    raise InputError("rope_parameters.factor and rope_parameters.original_max_position_embeddings are "
+                     "required for rope_type 'yarn'")
+  factor = float(factor)
+  mscale, mscale_all_dim = params.get('mscale'), params.get('mscale_all_dim')
+
+  def get_mscale(scale, m=1.0):
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+  attention_factor = params.get('attention_factor')
+  if attention_factor is None:
+    if mscale and mscale_all_dim:
+      attention_factor = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+    else:
+      attention_factor = get_mscale(factor)
+  beta_fast = params.get('beta_fast') or 32
+  beta_slow = params.get('beta_slow') or 1
+
+  def correction_dim(num_rotations):
+    return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+  low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+  if params.get('truncate', True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001  # transformers' guard against a zero-width ramp.
+  ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+  extrapolation_factor = np.float32(1) - ramp
+  inv_extrapolation = np.float32(1.0) / pos_freqs
+  inv_interpolation = np.float32(1.0) / (np.float32(factor) * pos_freqs)
+  inv_freq = (inv_interpolation * (np.float32(1) - extrapolation_factor)
+              + inv_extrapolation * extrapolation_factor)
+  return inv_freq, float(attention_factor)
+
+
+def _param(value: jax.Array, names: tuple[str, ...]) -> nnx.Param:
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class Dense(nnx.Module):
+  """A projection `einsum(spec, x, kernel) [+ bias]` with a multi-axis kernel (HF `nn.Linear`, reshaped)."""
+
+  def __init__(self, spec: str, kernel_shape: tuple[int, ...], kernel_names: tuple[str, ...],
+               bias_shape: tuple[int, ...] | None, bias_names: tuple[str, ...] | None, *, dtype: str,
+               param_dtype: str, rngs: nnx.Rngs):
+    self.spec = spec
+    self.dtype = dtype
+    init = jax.nn.initializers.normal(INIT_STD)
+    self.kernel = _param(init(rngs.params(), kernel_shape, jnp.dtype(param_dtype)), kernel_names)
+    self.bias = None if bias_shape is None else _param(jnp.zeros(bias_shape, param_dtype), bias_names)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.einsum(self.spec, x, self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis: normalised in float32, cast to the compute dtype, then scaled (as HF)."""
+
+  def __init__(self, dim: int, eps: float, *, dtype: str, param_dtype: str):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = _param(jnp.ones((dim,), param_dtype), ('norm',))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    normed = (x32 * jax.lax.rsqrt(variance + self.eps)).astype(self.dtype)
+    return self.scale[...].astype(self.dtype) * normed
+
+
+class Embed(nnx.Module):
+  """Token embedding table [vocab, embed]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.dtype = cfg.dtype
+    init = jax.nn.initializers.normal(INIT_STD)
+    self.embedding = _param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.dtype(cfg.param_dtype)),
+                            ('vocab', 'embed'))
+
+  def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
+    # mode='clip': an out-of-range id gives a finite row, never NaN (jnp.take's default fills with NaN).
+    return jnp.take(self.embedding[...], tokens_BxT, axis=0, mode='clip').astype(self.dtype)
+
+
+def rotate(x_BxTxNxH: jax.Array, cos_BxTx1xH: jax.Array, sin_BxTx1xH: jax.Array) -> jax.Array:
+  """RoPE in HF's half-split layout: x * cos + rotate_half(x) * sin."""
+  half = x_BxTxNxH.shape[-1] // 2
+  rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
+  return x_BxTxNxH * cos_BxTx1xH + rotated * sin_BxTx1xH
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE, optional q/k/v/o bias and per-head q/k RMSNorm."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    qkv_bias = cfg.qkv_bias
+    self.q_proj = Dense('btd,dnh->btnh', (d, n, h), ('embed', 'q_heads', 'head_dim'),
+                        (n, h) if qkv_bias else None, ('q_heads', 'head_dim'), **kw)
+    self.k_proj = Dense('btd,dkh->btkh', (d, k, h), ('embed', 'kv_heads', 'head_dim'),
+                        (k, h) if qkv_bias else None, ('kv_heads', 'head_dim'), **kw)
+    self.v_proj = Dense('btd,dkh->btkh', (d, k, h), ('embed', 'kv_heads', 'head_dim'),
+                        (k, h) if qkv_bias else None, ('kv_heads', 'head_dim'), **kw)
+    self.o_proj = Dense('btnh,nhd->btd', (n, h, d), ('q_heads', 'head_dim', 'embed'),
+                        (d,) if cfg.o_bias else None, ('embed',), **kw)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(h, cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+      self.k_norm = RMSNorm(h, cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    else:
+      self.q_norm = self.k_norm = None
+    self.sliding_window = cfg.window(layer)
+    self.impl = cfg.attention_impl
+
+  def __call__(self, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT):
+    q_BxTxNxH = self.q_proj(x_BxTxD)
+    k_BxTxKxH = self.k_proj(x_BxTxD)
+    v_BxTxKxH = self.v_proj(x_BxTxD)
+    if self.q_norm is not None:
+      q_BxTxNxH = self.q_norm(q_BxTxNxH)
+      k_BxTxKxH = self.k_norm(k_BxTxKxH)
+    q_BxTxNxH = rotate(q_BxTxNxH, cos_BxTx1xH, sin_BxTx1xH)
+    k_BxTxKxH = rotate(k_BxTxKxH, cos_BxTx1xH, sin_BxTx1xH)
+    out_BxTxNxH = attention_lib.attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
+                                          sliding_window=self.sliding_window, impl=self.impl)
+    return self.o_proj(out_BxTxNxH)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    bias = cfg.mlp_bias
+    self.gate_proj = Dense('btd,df->btf', (d, f), ('embed', 'mlp'), (f,) if bias else None, ('mlp',), **kw)
+    self.up_proj = Dense('btd,df->btf', (d, f), ('embed', 'mlp'), (f,) if bias else None, ('mlp',), **kw)
+    self.down_proj = Dense('btf,fd->btd', (f, d), ('mlp', 'embed'), (d,) if bias else None, ('embed',), **kw)
+
+  def __call__(self, x_BxTxD):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    norm = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+    self.self_attn = Attention(cfg, layer, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT):
+    h_BxTxD = x_BxTxD + self.self_attn(self.input_layernorm(x_BxTxD), cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT)
+    return h_BxTxD + self.mlp(self.post_attention_layernorm(h_BxTxD))
+
+
+def _apply_layer(layer: DecoderLayer, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT):
+  return layer(x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT)
+
+
+_apply_layer_remat = nnx.remat(_apply_layer)
+
+
+class Transformer(nnx.Module):
+  """The decoder-only language model.
+
+  Inputs are int32 [B, T]: token ids, RoPE positions (restarting at 0 per document) and segment ids
+  (0 = padding, 1..n = document). Token t attends to s iff s <= t, seg[s] == seg[t] and, in a layer with a
+  sliding window w, t - s < w.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed_tokens = Embed(cfg, rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    if cfg.tie_word_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = Dense('btd,dv->btv', (cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'), None, None,
+                           dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+  def _rope(self, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    inv_freq, scaling = rope_frequencies(self.cfg)
+    freqs_BxTxH2 = jnp.asarray(positions_BxT).astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb_BxTxH = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
+    cos_BxTxH = jnp.cos(emb_BxTxH)
+    sin_BxTxH = jnp.sin(emb_BxTxH)
+    if scaling != 1.0:
+      cos_BxTxH = cos_BxTxH * scaling
+      sin_BxTxH = sin_BxTxH * scaling
+    dtype = self.cfg.dtype
+    return cos_BxTxH[:, :, None, :].astype(dtype), sin_BxTxH[:, :, None, :].astype(dtype)
+
+  def hidden_states(self, tokens_BxT: jax.Array, positions_BxT: jax.Array,
+                    segment_ids_BxT: jax.Array) -> jax.Array:
+    """Final-norm hidden states [B, T, D] in the compute dtype."""
+    segment_ids_BxT = jnp.asarray(segment_ids_BxT)
+    x_BxTxD = self.embed_tokens(jnp.asarray(tokens_BxT))
+    cos_BxTx1xH, sin_BxTx1xH = self._rope(positions_BxT)
+    apply = _apply_layer_remat if self.cfg.remat == 'full' else _apply_layer
+    for layer in self.layers:
+      x_BxTxD = apply(layer, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT)
+    return self.norm(x_BxTxD)
+
+  def unembedding(self) -> jax.Array:
+    """The output projection [D, V] in the compute dtype (the embedding table transposed when tied)."""
+    if self.lm_head is None:
+      return self.embed_tokens.embedding[...].astype(self.cfg.dtype).T
+    return self.lm_head.kernel[...].astype(self.cfg.dtype)
+
+  def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array) -> jax.Array:
+    """Logits [B, T, V] in float32."""
+    hidden_BxTxD = self.hidden_states(tokens_BxT, positions_BxT, segment_ids_BxT)
+    return jnp.einsum('btd,dv->btv', hidden_BxTxD, self.unembedding(), preferred_element_type=jnp.float32)
