@@ -1,6 +1,6 @@
 """The embedded default: a tiny Qwen2-architecture model learns step-by-step arithmetic from scratch.
 
-What: trains a ~1M-parameter Qwen2-architecture model (shipped config and tokenizer in
+What: trains a 0.86M-parameter Qwen2-architecture model (shipped config and tokenizer in
 `jaxsft/assets/tiny`, random initialisation) on a synthetic reasoning-distillation dataset generated
 deterministically by `jaxsft.data.synthetic` (arithmetic word problems with `<think>` traces, system
 prompts, multi-turn follow-ups), assistant-only loss, then greedy-decodes held-out problems and prints the
