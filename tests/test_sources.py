@@ -169,16 +169,15 @@ def test_hub_failures_name_the_dataset(fake_hub):
     _load('org/name', split='empty')
 
 
-def test_synthetic_is_dispatched_lazily(monkeypatch):
-  fake = types.ModuleType('jaxsft.data.synthetic')
-  fake.load = lambda name: sources.Splits(train=ROWS, eval=ROWS[:1], train_name=f'{name}/train',
-                                          eval_name=f'{name}/test')
-  monkeypatch.setitem(sys.modules, 'jaxsft.data.synthetic', fake)
-  splits = _load('synthetic:toy', need_eval=True)
-  assert splits.train == ROWS and splits.eval == ROWS[:1]
-  assert splits.origin(1) == "dataset 'synthetic:toy' split 'train' row 1"
-  splits = _load('synthetic:toy')
+def test_synthetic_names_dispatch_to_the_generator():
+  splits = _load('synthetic:arithmetic?train=3&test=2', need_eval=True)
+  assert len(splits.train) == 3 and len(splits.eval) == 2
+  assert all('messages' in row for row in splits.train)
+  assert splits.origin(1) == "dataset 'synthetic:arithmetic?train=3&test=2' split 'train' row 1"
+  splits = _load('synthetic:arithmetic?train=3&test=2')
   assert splits.eval is None and splits.eval_name is None
+  with pytest.raises(InputError, match='dataset_name'):
+    _load('synthetic:nope')
 
 
 def test_unset_dataset_name():
