@@ -9,7 +9,6 @@ step is split into micro-batches or devices.
 """
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -251,9 +250,9 @@ def _train_loop(config, mesh, step_fn: TrainStep, state, data, geometry: Geometr
   throughput = metrics_lib.Throughput(model_cfg, config.max_length, jax.device_count())
   bar = tqdm.tqdm(total=geometry.total_steps, disable=config.disable_tqdm or not metrics_lib.is_main_process(),
                   dynamic_ncols=True, desc='train')
-  window_losses, window_sums, last_row = [], [], {}
+  window_sums, last_row = [], {}  # The steps since the last logged row (for loss metrics).
+  timed_loss_tokens = timed_all_tokens = 0  # Tokens since throughput.reset() (for tokens/s and MFU).
   num_tokens_total = 0
-  window_all_tokens = 0
   step, epoch = 0, 0
   t_start = time.perf_counter()
   try:
@@ -264,26 +263,27 @@ def _train_loop(config, mesh, step_fn: TrainStep, state, data, geometry: Geometr
         inv = jnp.float32(1.0 / max(step_tokens, 1))
         step_sums = []
         for batch in micro_batches:
-          window_all_tokens += int((batch['segment_ids'] > 0).sum())
+          timed_all_tokens += int((batch['segment_ids'] > 0).sum())
           state, sums = step_fn.step(state, sharding.global_batch(mesh, batch), inv)
           step_sums.append(sums)
         step += 1
         num_tokens_total += step_tokens
-        window_sums.append((step_sums, step_tokens))
-        if step == 1:
+        timed_loss_tokens += step_tokens
+        window_sums.append(step_sums)
+        if step == 1:  # Compilation: timed on its own, kept out of tokens/s.
           jax.block_until_ready(state)
           log(f'first step (compilation included) took {time.perf_counter() - t_start:.1f}s')
           throughput.reset()
-          window_sums, window_all_tokens = [], 0
-          window_sums.append((step_sums, step_tokens))
+          timed_loss_tokens = timed_all_tokens = 0
         bar.update(1)
         if step % config.logging_steps == 0 or step == geometry.total_steps:
-          last_row = _log_row(window_sums, step, geometry, schedule, num_tokens_total, throughput,
-                              window_all_tokens)
+          last_row = _log_row(window_sums, step, geometry, schedule, num_tokens_total)
+          last_row.update(throughput.measure(timed_loss_tokens, timed_all_tokens))
+          timed_loss_tokens = timed_all_tokens = 0
           writer.write(last_row)
           bar.set_postfix(loss=f'{last_row["loss"]:.4f}', tok_s=f'{last_row["tokens_per_second"]:.0f}')
           log(' '.join(f'{k}={_fmt(v)}' for k, v in last_row.items()))
-          window_sums, window_all_tokens = [], 0
+          window_sums = []
         if step >= geometry.total_steps:
           break
       epoch += 1
@@ -293,18 +293,19 @@ def _train_loop(config, mesh, step_fn: TrainStep, state, data, geometry: Geometr
   return state, last_row
 
 
-def _log_row(window, step, geometry, schedule, num_tokens_total, throughput, window_all_tokens) -> dict:
-  """Reduces a logging window of steps to one metrics row (mean of the per-step losses, as TRL)."""
-  host = jax.device_get([[s for s in sums] for sums, _ in window])
-  losses, accs, ents, window_tokens = [], [], [], 0
-  for step_sums, step_tokens in zip(host, (t for _, t in window)):
-    loss_sum = sum(float(s['loss_sum']) for s in step_sums)
-    num = sum(float(s['num_tokens']) for s in step_sums)
-    losses.append(loss_sum / max(num, 1.0))
-    accs.append(sum(float(s['num_correct']) for s in step_sums) / max(num, 1.0))
-    ents.append(sum(float(s['entropy_sum']) for s in step_sums) / max(num, 1.0))
-    window_tokens += step_tokens
-  row = {
+def _log_row(window, step, geometry, schedule, num_tokens_total) -> dict:
+  """Reduces a logging window of steps to one metrics row (mean of the per-step losses, as TRL).
+
+  Fetching the window's sums from the devices is the loop's only synchronisation point.
+  """
+  host = jax.device_get(window)
+  losses, accs, ents = [], [], []
+  for step_sums in host:
+    num = max(sum(float(s['num_tokens']) for s in step_sums), 1.0)
+    losses.append(sum(float(s['loss_sum']) for s in step_sums) / num)
+    accs.append(sum(float(s['num_correct']) for s in step_sums) / num)
+    ents.append(sum(float(s['entropy_sum']) for s in step_sums) / num)
+  return {
       'step': step,
       'loss': float(np.mean(losses)),
       'learning_rate': float(schedule(step - 1)),
@@ -314,8 +315,6 @@ def _log_row(window, step, geometry, schedule, num_tokens_total, throughput, win
       'num_tokens': int(num_tokens_total),
       'epoch': step / geometry.steps_per_epoch,
   }
-  row.update(throughput.measure(window_tokens, window_all_tokens))
-  return row
 
 
 def _fmt(v):

@@ -1,8 +1,6 @@
 """Dataset sources: local files and directories, hub ids (load_dataset stubbed), synthetic; error messages."""
 
 import json
-import sys
-import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -3,7 +3,6 @@
 import collections
 import filecmp
 import importlib.util
-import json
 import os
 import re
 
