@@ -20,7 +20,6 @@ import math
 import os
 import pathlib
 import re
-import struct
 from typing import Any
 
 import jax
@@ -30,12 +29,12 @@ import numpy as np
 from flax import nnx
 
 from jaxsft.errors import InputError
+from jaxsft.models import safetensors_io
+from jaxsft.models.safetensors_io import INDEX_FILE, SINGLE_FILE  # pylint: disable=unused-import
 from jaxsft.models.transformer import ModelConfig
 from jaxsft.models.transformer import Transformer
 
 MODEL_TYPES = ('llama', 'qwen2', 'qwen3', 'mistral')
-SINGLE_FILE = 'model.safetensors'
-INDEX_FILE = 'model.safetensors.index.json'
 HUB_PATTERNS = ['*.json', '*.safetensors', '*.jinja', '*.txt', '*.model', '*.tiktoken']
 _HUB_ID = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?$')
 
@@ -45,11 +44,6 @@ _DEFAULT_SLIDING_WINDOW = 4096
 _DEFAULT_MAX_WINDOW_LAYERS = 28
 _LAYER_TYPES = ('full_attention', 'sliding_attention')
 
-_ST_DTYPES = {
-    'F64': np.dtype(np.float64), 'F32': np.dtype(np.float32), 'F16': np.dtype(np.float16),
-    'BF16': np.dtype(ml_dtypes.bfloat16), 'I64': np.dtype(np.int64), 'I32': np.dtype(np.int32),
-    'I16': np.dtype(np.int16), 'I8': np.dtype(np.int8), 'U8': np.dtype(np.uint8), 'BOOL': np.dtype(np.bool_),
-}
 _SAVE_DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16),
                 'float16': np.dtype(np.float16)}
 
@@ -290,118 +284,6 @@ def _from_hf(path: tuple, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndar
 
 
 # ----------------------------------------------------------------------------------------------------------
-# safetensors files.
-
-
-def _read_header(path: pathlib.Path) -> tuple[dict, int]:
-  """(header without __metadata__, byte offset of the data section)."""
-  try:
-    size = path.stat().st_size
-    with open(path, 'rb') as f:
-      prefix = f.read(8)
-      if len(prefix) < 8:
-        raise InputError(f'{path}: not a safetensors file (too short)')
-      (header_len,) = struct.unpack('<Q', prefix)
-      if header_len > size - 8:
-        raise InputError(f'{path}: not a safetensors file (header length {header_len} past the end)')
-      header = json.loads(f.read(header_len))
-  except OSError as e:
-    raise InputError(f'{path}: cannot read ({e.strerror or e})') from None
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise InputError(f'{path}: not a safetensors file (bad header: {e})') from None
-  if not isinstance(header, dict):
-    raise InputError(f'{path}: not a safetensors file (header is not an object)')
-  header.pop('__metadata__', None)
-  start = 8 + header_len
-  for name, info in header.items():
-    try:
-      dtype = _ST_DTYPES[info['dtype']]
-      begin, end = info['data_offsets']
-      count = math.prod(info['shape'])
-    except (KeyError, TypeError, ValueError):
-      raise InputError(f'{path}: tensor {name!r} has an unsupported or malformed header entry {info!r}') from None
-    if end - begin != count * dtype.itemsize or begin < 0 or start + end > size:
-      raise InputError(f'{path}: tensor {name!r} has inconsistent data offsets {info["data_offsets"]}')
-  return header, start
-
-
-class _SafetensorsReader:
-  """Memory-mapped tensors of one or more safetensors files; `get(name)` returns a read-only view."""
-
-  def __init__(self, files: dict[str, pathlib.Path]):
-    self._where = {}  # name → (file, header entry, data start)
-    self._maps = {}
-    for name, path in files.items():
-      if path not in self._maps:
-        header, start = _read_header(path)
-        self._maps[path] = (header, start, None)
-      header, start, _ = self._maps[path]
-      if name not in header:
-        raise InputError(f'{path}: tensor {name!r} is missing (listed in {INDEX_FILE})')
-      self._where[name] = path
-
-  def __contains__(self, name: str) -> bool:
-    return name in self._where
-
-  def names(self) -> list[str]:
-    return list(self._where)
-
-  def file_of(self, name: str) -> pathlib.Path:
-    return self._where[name]
-
-  def get(self, name: str) -> np.ndarray:
-    path = self._where[name]
-    header, start, mm = self._maps[path]
-    if mm is None:
-      mm = np.memmap(path, dtype=np.uint8, mode='r')
-      self._maps[path] = (header, start, mm)
-    info = header[name]
-    begin, end = info['data_offsets']
-    dtype = _ST_DTYPES[info['dtype']].newbyteorder('<')
-    return mm[start + begin:start + end].view(dtype).reshape(info['shape'])
-
-
-def _open_checkpoint(model_dir: pathlib.Path) -> _SafetensorsReader:
-  single = model_dir / SINGLE_FILE
-  index = model_dir / INDEX_FILE
-  if single.is_file():
-    header, _ = _read_header(single)
-    return _SafetensorsReader({name: single for name in header})
-  if index.is_file():
-    try:
-      with open(index, encoding='utf-8') as f:
-        weight_map = json.load(f)['weight_map']
-      files = {name: model_dir / file for name, file in weight_map.items()}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-      raise InputError(f'{index}: not a safetensors index ({type(e).__name__}: {e})') from None
-    for name, path in files.items():
-      if not path.is_file():
-        raise InputError(f'{index}: tensor {name!r} maps to missing file {path.name!r}')
-    return _SafetensorsReader(files)
-  raise InputError(f'{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors checkpoints are supported)')
-
-
-def _write_safetensors(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> None:
-  """Writes `tensors` in the safetensors format (metadata format=pt, as transformers writes)."""
-  dtype_names = {v: k for k, v in _ST_DTYPES.items()}
-  header, offset = {}, 0
-  for name, value in tensors.items():
-    nbytes = value.size * value.dtype.itemsize
-    header[name] = {'dtype': dtype_names[value.dtype], 'shape': list(value.shape),
-                    'data_offsets': [offset, offset + nbytes]}
-    offset += nbytes
-  header['__metadata__'] = {'format': 'pt'}
-  blob = json.dumps(header, separators=(',', ':')).encode('utf-8')
-  blob += b' ' * (-len(blob) % 8)
-  with open(path, 'wb') as f:
-    f.write(struct.pack('<Q', len(blob)))
-    f.write(blob)
-    for value in tensors.values():
-      data = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder('<'))
-      f.write(data.reshape(-1).view(np.uint8).data)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Models.
 
 
@@ -417,7 +299,7 @@ def load_pretrained(model_dir, cfg: ModelConfig) -> Transformer:
     InputError: a tensor missing, wrongly shaped, or not part of the architecture, naming tensor and file.
   """
   model_dir = pathlib.Path(model_dir)
-  reader = _open_checkpoint(model_dir)
+  reader = safetensors_io.open_checkpoint(model_dir)
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   leaves = []
@@ -455,18 +337,6 @@ def to_hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
   return out
 
 
-def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
-  shards, current, size = [], {}, 0
-  for name, value in tensors.items():
-    if current and size + value.nbytes > max_bytes:
-      shards.append(current)
-      current, size = {}, 0
-    current[name] = value
-    size += value.nbytes
-  shards.append(current)
-  return shards
-
-
 def _replace_atomically(path: pathlib.Path, write) -> None:
   tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
   try:
@@ -490,16 +360,16 @@ def save_pretrained(model: Transformer, hf_cfg: dict, out_dir, *, dtype: str = '
   out_dir.mkdir(parents=True, exist_ok=True)
   np_dtype = _SAVE_DTYPES[dtype]
   tensors = {k: v.astype(np_dtype) for k, v in to_hf_tensors(model).items()}
-  shards = _shards(tensors, max_shard_bytes)
+  shards = safetensors_io.split_shards(tensors, max_shard_bytes)
   written = set()
   if len(shards) == 1:
-    _replace_atomically(out_dir / SINGLE_FILE, lambda p: _write_safetensors(p, shards[0]))
+    _replace_atomically(out_dir / SINGLE_FILE, lambda p: safetensors_io.write_file(p, shards[0]))
     written.add(SINGLE_FILE)
   else:
     weight_map = {}
     for i, shard in enumerate(shards):
       name = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
-      _replace_atomically(out_dir / name, lambda p, s=shard: _write_safetensors(p, s))
+      _replace_atomically(out_dir / name, lambda p, s=shard: safetensors_io.write_file(p, s))
       weight_map.update({k: name for k in shard})
       written.add(name)
     index = {'metadata': {'total_size': sum(v.nbytes for v in tensors.values())}, 'weight_map': weight_map}
