@@ -14,11 +14,11 @@ import os
 from ml_collections import config_dict
 
 from jaxsft.errors import InputError
+from jaxsft.models.attention import IMPLS as ATTENTION_IMPLS
+from jaxsft.models.transformer import REMAT_POLICIES
+from jaxsft.optim import SCHEDULES
 
-SCHEDULES = ('constant', 'constant_with_warmup', 'linear', 'cosine', 'cosine_with_min_lr')
 MODEL_INITS = ('pretrained', 'random')
-ATTENTION_IMPLS = ('xla',)
-REMAT_POLICIES = ('none', 'full')
 
 
 def base_config() -> config_dict.ConfigDict:

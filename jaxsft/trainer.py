@@ -124,8 +124,7 @@ def epoch_steps(examples, geometry: Geometry, *, seq_len: int, pad_id: int, seed
       yield group
       group = []
   if group:
-    empty = {k: np.zeros_like(v) for k, v in group[0].items()}
-    empty['input_ids'][:] = pad_id
+    empty = pipeline.empty_batch(geometry.micro_batch_size, seq_len, pad_id)
     yield group + [empty] * (geometry.accumulation - len(group))
 
 

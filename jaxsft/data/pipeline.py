@@ -117,6 +117,11 @@ def empty_row(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
   return row
 
 
+def empty_batch(batch_size: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """`batch_size` empty rows: fills a partial batch, or a partial accumulation step (no loss tokens)."""
+  return {key: np.tile(value, (batch_size, 1)) for key, value in empty_row(seq_len, pad_id).items()}
+
+
 def padded_batches(examples: Sequence[formats.Example], *, batch_size: int, seq_len: int, pad_id: int,
                    seed: int, epoch: int, shuffle: bool = True) -> Iterator[dict[str, np.ndarray]]:
   """One epoch of right-padded `[batch_size, seq_len]` int32 batches, deterministic given (seed, epoch).
@@ -137,7 +142,6 @@ def padded_batches(examples: Sequence[formats.Example], *, batch_size: int, seq_
     batch = dataset[i]
     missing = batch_size - len(batch['input_ids'])
     if missing:
-      filler = empty_row(seq_len, pad_id)
-      batch = {key: np.concatenate([value, np.broadcast_to(filler[key], (missing, seq_len))])
-               for key, value in batch.items()}
+      filler = empty_batch(missing, seq_len, pad_id)
+      batch = {key: np.concatenate([value, filler[key]]) for key, value in batch.items()}
     yield {key: np.ascontiguousarray(batch[key], dtype=np.int32) for key in BATCH_KEYS}
