@@ -61,9 +61,9 @@ def test_load_is_deterministic_and_seeded():
   a = synthetic.load('synthetic:arithmetic?train=300&test=40&seed=3')
   b = synthetic.load('synthetic:arithmetic?train=300&test=40&seed=3')
   c = synthetic.load('synthetic:arithmetic?train=300&test=40&seed=4')
-  assert a.train == b.train and a.eval == b.eval
+  assert list(a.train) == list(b.train) and list(a.eval) == list(b.eval)
   assert len(a.train) == 300 and len(a.eval) == 40
-  assert a.train != c.train and a.eval != c.eval
+  assert list(a.train) != list(c.train) and list(a.eval) != list(c.eval)
   assert a.train_name == 'synthetic:arithmetic/train' and a.eval_name == 'synthetic:arithmetic/test'
   assert synthetic.held_out_problems(30, 1) == synthetic.held_out_problems(30, 1)
   assert synthetic.held_out_problems(30, 1) != synthetic.held_out_problems(30, 2)
@@ -121,7 +121,7 @@ def test_held_out_problems_are_distinct_and_answers_correct(default_splits):
 
 
 def test_rows_are_r1_shaped_with_correct_reasoning(default_splits):
-  rows = default_splits.train + default_splits.eval
+  rows = list(default_splits.train) + list(default_splits.eval)
   with_system = multi_turn = 0
   for row in rows:
     assert set(row) == {'messages'}
@@ -165,7 +165,7 @@ def test_extract_answer(text, expected):
 
 
 def test_every_row_tokenizes_without_unk(tokenizer, default_splits):
-  rows = default_splits.train[:1500] + default_splits.eval
+  rows = list(default_splits.train)[:1500] + list(default_splits.eval)
   prompts = [m for m, _ in synthetic.held_out_problems(200, 0)]
   for messages in [r['messages'] for r in rows] + prompts:
     text = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -199,7 +199,7 @@ def _assistant_spans(mask) -> list[tuple[int, int]]:
 
 
 def test_assistant_mask_covers_exactly_assistant_content_and_im_end(tokenizer, default_splits):
-  rows = default_splits.train[:400]
+  rows = list(default_splits.train)[:400]
   assert any(len(r['messages']) > 3 for r in rows) and any(r['messages'][0]['role'] == 'system' for r in rows)
   for row in rows:
     encoded = tokenizer.apply_chat_template(row['messages'], tokenize=True, return_dict=True,
@@ -214,7 +214,7 @@ def test_assistant_mask_covers_exactly_assistant_content_and_im_end(tokenizer, d
 
 
 def test_generation_prompt_is_a_prefix_of_the_conversation(tokenizer, default_splits):
-  for row in default_splits.train[:100]:
+  for row in list(default_splits.train)[:100]:
     messages = row['messages']
     last_user = max(i for i, m in enumerate(messages) if m['role'] == 'user')
     prompt = tokenizer.apply_chat_template(messages[:last_user + 1], add_generation_prompt=True,

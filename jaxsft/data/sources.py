@@ -1,94 +1,616 @@
-"""Where the rows come from: local files and directories, Hugging Face hub datasets, synthetic data.
+"""Where the rows come from: lazy, random-access, picklable dataset splits (`Source`s).
 
-`load_splits` resolves `dataset_name` to a train split (and, when asked, an eval split):
+`load_splits` resolves `dataset_name` (or an open-r1 `dataset_mixture`) to a train split and, when asked, an
+eval split:
 
 * `synthetic:...`: generated in memory by `jaxsft.data.synthetic`.
 * a local `.jsonl` / `.json` / `.parquet` file: the train split (it has no eval split).
 * a local directory: the files of each split, named `train.jsonl`, `test.parquet`, ...; or HF-style data
   files (`train-00000-of-00002.parquet`, `data/test.jsonl`, a `train/` folder); files named for no split
   at all are the train split together, as `datasets` treats them.
-* anything else: a hub id, `datasets.load_dataset(dataset_name, dataset_config, split=...)`.
+* anything else: a hub id, `datasets.load_dataset(dataset_name, dataset_config, split=...)` (memory-mapped).
+* `dataset_mixture`: open-r1's mixture (`jaxsft.data.mixture`).
 
-JSON Lines are read here, line by line, so that a bad line is reported as `FILE line N: ...`. Every
-split carries an origin function mapping a row index to where the row came from (`data.jsonl line 17`,
-`dataset 'org/name' split 'train' row 17`) for the error messages of later stages.
+Nothing is read up front but what is needed to find the rows: a JSON Lines file is indexed (byte offset and
+line number of every non-blank line) in one pass without parsing, parquet files by their metadata. A row is
+parsed when it is read, so a malformed row fails there (or is skipped by the caller), with a message that
+starts with its origin: `data/train.jsonl line 17: malformed JSON (...)`.
 """
 
+import abc
 import dataclasses
+import hashlib
 import json
+import operator
 import os
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
 
 from jaxsft.errors import InputError
 
 EXTENSIONS = ('.jsonl', '.json', '.parquet')
+_COLUMN_SCAN = 1000  # Rows tried for `column_names` when the first rows do not parse.
+_CHUNK = 1 << 26  # Bytes per slice of the JSON Lines indexing pass.
+_ASCII_SPACE = b' \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f'  # What str.strip() removes among ASCII characters.
+_BOM = b'\xef\xbb\xbf'
+# First bytes of a line that may be blank: ASCII whitespace, or a non-ASCII byte (Unicode spaces).
+_MAYBE_BLANK = np.zeros(256, bool)
+_MAYBE_BLANK[list(_ASCII_SPACE)] = True
+_MAYBE_BLANK[0x80:] = True
+
+
+def _digest(*parts) -> str:
+  return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+def _json_type(value) -> str:
+  return {dict: 'an object', list: 'an array', str: 'a string', bool: 'a boolean', type(None): 'null'}.get(
+      type(value), 'a number')
+
+
+class Source(abc.ABC):
+  """A split: random access to parsed rows, each with an origin for messages. Picklable, cheap to pickle."""
+  name: str  # For messages: "data/train.jsonl", "org/ds split 'train'", "mixture split 'train'".
+
+  @abc.abstractmethod
+  def __len__(self) -> int:
+    ...
+
+  @abc.abstractmethod
+  def _row(self, index: int) -> dict:
+    """Row `index`, already checked to be in range."""
+
+  @abc.abstractmethod
+  def _origin(self, index: int) -> str:
+    ...
+
+  @abc.abstractmethod
+  def fingerprint(self) -> str:
+    """A stable hex digest of the content, the same in every process, for cache keys."""
+
+  def __getitem__(self, index: int) -> dict:
+    """The parsed row. Raises InputError starting with `origin(index)` for a bad row, IndexError if out of range."""
+    return self._row(self._check(index))
+
+  def origin(self, index: int) -> str:
+    """Where row `index` comes from: "data/train.jsonl line 17", "dataset 'org/name' split 'train' row 17"."""
+    return self._origin(self._check(index))
+
+  def column_names(self) -> list[str]:
+    """The columns: the keys of the first row that parses (sources with a schema override this)."""
+    first_error = None
+    for i in range(min(len(self), _COLUMN_SCAN)):
+      try:
+        return list(self[i])
+      except InputError as e:
+        first_error = first_error or e
+    if first_error is not None:
+      raise first_error
+    return []
+
+  def __iter__(self) -> Iterator[dict]:
+    for i in range(len(self)):
+      yield self[i]
+
+  def __repr__(self) -> str:
+    return f'{type(self).__name__}({self.name!r}, {len(self)} rows)'
+
+  def _check(self, index: int) -> int:
+    index = operator.index(index)
+    n = len(self)
+    if index < 0:
+      index += n
+    if not 0 <= index < n:
+      raise IndexError(f'{self.name}: row index {index} out of range ({n} rows)')
+    return index
+
+
+class _PerProcessHandle:
+  """A file handle opened lazily in each process (never pickled), checked against the indexed file's stat."""
+
+  def __init__(self, path: str, stamp: tuple[int, int]):
+    self.path, self.stamp = path, stamp
+    self._handle, self._pid = None, None
+
+  def __getstate__(self):
+    return {'path': self.path, 'stamp': self.stamp}
+
+  def __setstate__(self, state):
+    self.__init__(state['path'], state['stamp'])
+
+  def get(self, opener):
+    """The handle of this process, from `opener(path)` on first use.
+
+    No lock (a lock held by another thread at a fork would deadlock the child): threads racing on the first
+    use each open the file, and all but one handle are left to the garbage collector.
+    """
+    if self._pid != os.getpid():
+      try:
+        st = os.stat(self.path)
+      except OSError as e:
+        raise InputError(f'{self.path}: cannot read the file any more ({e.strerror})') from None
+      if (st.st_size, st.st_mtime_ns) != self.stamp:
+        raise InputError(f'{self.path}: the file changed after it was indexed (size or modification time '
+                         'differs); restart the run')
+      self._handle = opener(self.path)
+      self._pid = os.getpid()  # Set last: a thread that sees this pid sees the handle.
+    return self._handle
+
+  def __del__(self):
+    if isinstance(getattr(self, '_handle', None), int) and self._pid == os.getpid():
+      os.close(self._handle)  # A file descriptor (JSON Lines); parquet readers close themselves.
+
+
+def _stamp(path: str, field: str) -> tuple[int, int]:
+  try:
+    st = os.stat(path)
+  except OSError as e:
+    raise InputError(f"config field '{field}': cannot read {path!r} ({e.strerror})") from None
+  return st.st_size, st.st_mtime_ns
+
+
+def _file_fingerprint(kind: str, path: str, stamp: tuple[int, int], *extra) -> str:
+  return _digest(kind, os.path.abspath(path), *stamp, *extra)
+
+
+class JsonLinesFile(Source):
+  """A JSON Lines file, indexed by byte offset; rows are read with `os.pread` and parsed on access."""
+
+  def __init__(self, path: str, field: str = 'dataset_name'):
+    self.path = self.name = path
+    self._stamp = _stamp(path, field)
+    try:
+      self.offsets, self.lengths, self.lines = _index_lines(path, self._stamp[0])
+    except OSError as e:
+      raise InputError(f"config field '{field}': cannot read {path!r} ({e.strerror})") from None
+    self._fd = _PerProcessHandle(path, self._stamp)
+
+  def __len__(self) -> int:
+    return len(self.offsets)
+
+  def line(self, index: int) -> int:
+    return index + 1 if self.lines is None else int(self.lines[index])
+
+  def _origin(self, index: int) -> str:
+    return f'{self.path} line {self.line(index)}'
+
+  def _row(self, index: int) -> dict:
+    fd = self._fd.get(lambda path: os.open(path, os.O_RDONLY))
+    raw = os.pread(fd, int(self.lengths[index]), int(self.offsets[index]))
+    line = self.line(index)
+    try:
+      text = raw.decode('utf-8-sig' if line == 1 else 'utf-8')
+    except UnicodeDecodeError as e:
+      raise InputError(f'{self.path} line {line}: not UTF-8 text ({e})') from None
+    try:
+      row = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise InputError(f'{self.path} line {line}: malformed JSON ({e})') from None
+    if not isinstance(row, dict):
+      raise InputError(f'{self.path} line {line}: expected a JSON object, got {_json_type(row)}')
+    return row
+
+  def fingerprint(self) -> str:
+    return _file_fingerprint('jsonl', self.path, self._stamp)
+
+
+def _index_lines(path: str, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+  """(offsets int64, lengths, line numbers int64 or None when no line is blank) of the non-blank lines."""
+  if size == 0:
+    return np.zeros(0, np.int64), np.zeros(0, np.int32), None
+  data = np.memmap(path, np.uint8, 'r', shape=(size,))
+  newlines = np.concatenate([np.flatnonzero(data[a:a + _CHUNK] == 10) + a for a in range(0, size, _CHUNK)])
+  starts = np.concatenate([[0], newlines + 1])
+  ends = np.concatenate([newlines, [size]])
+  if starts[-1] == size:  # The file ends with a newline: no last line after it.
+    starts, ends = starts[:-1], ends[:-1]
+  keep = np.ones(len(starts), bool)
+  maybe_blank = _MAYBE_BLANK[data[starts]]
+  maybe_blank[0] = True  # Line 1 may start with a byte order mark.
+  for k in np.flatnonzero(maybe_blank):
+    raw = data[starts[k]:ends[k]].tobytes()
+    if k == 0 and raw.startswith(_BOM):
+      raw = raw[len(_BOM):]
+    stripped = raw.strip(_ASCII_SPACE)
+    if not stripped:
+      keep[k] = False
+    elif stripped[0] >= 0x80:  # Maybe Unicode spaces only; undecodable lines are kept (and fail when read).
+      try:
+        keep[k] = bool(stripped.decode('utf-8').strip())
+      except UnicodeDecodeError:
+        pass
+  del data
+  lengths = (ends - starts)[keep]
+  lengths = lengths.astype(np.int32) if lengths.max(initial=0) < 2**31 else lengths.astype(np.int64)
+  lines = None if keep.all() else (np.flatnonzero(keep) + 1).astype(np.int64)
+  return starts[keep].astype(np.int64), lengths, lines
+
+
+class JsonFile(Source):
+  """A JSON file read whole: an array of objects (`item I`), `{"data": [...]}`, or one object (`line 1`)."""
+
+  def __init__(self, path: str, rows: list, unit: str, stamp: tuple[int, int]):
+    self.path = self.name = path
+    self.rows, self.unit, self._stamp = rows, unit, stamp
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def _origin(self, index: int) -> str:
+    return f'{self.path} {self.unit} {index if self.unit == "item" else index + 1}'
+
+  def _row(self, index: int) -> dict:
+    row = self.rows[index]
+    if not isinstance(row, dict):
+      raise InputError(f'{self._origin(index)}: expected a JSON object, got {_json_type(row)}')
+    return row
+
+  def fingerprint(self) -> str:
+    return _file_fingerprint('json', self.path, self._stamp)
+
+
+def _open_json(path: str, field: str) -> Source:
+  """A .json file: JSON Lines under a .json name are indexed lazily, anything else is read whole."""
+  stamp = _stamp(path, field)
+  if _is_json_lines(path):
+    return JsonLinesFile(path, field)
+  try:
+    with open(path, encoding='utf-8-sig') as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise InputError(f'{path}: not UTF-8 text ({e})') from None
+  except OSError as e:
+    raise InputError(f"config field '{field}': cannot read {path!r} ({e.strerror})") from None
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    if e.msg == 'Extra data':  # One value per line.
+      return JsonLinesFile(path, field)
+    raise InputError(f'{path} line {e.lineno}: malformed JSON ({e})') from None
+  if isinstance(value, dict):
+    lists = [v for v in value.values() if isinstance(v, list)]
+    if len(lists) == 1 and all(isinstance(v, list) for v in value.values()):
+      value = lists[0]
+    else:
+      return JsonFile(path, [value], 'line', stamp)  # A single object: one row (JSON Lines with one line).
+  if not isinstance(value, list):
+    raise InputError(f'{path}: expected a JSON array of objects, got {_json_type(value)}')
+  return JsonFile(path, value, 'item', stamp)
+
+
+def _is_json_lines(path: str) -> bool:
+  """Whether the first non-blank line is a whole JSON object followed by more lines (cheap: two lines read)."""
+  try:
+    with open(path, 'rb') as f:
+      for raw in f:
+        text = raw.decode('utf-8-sig').strip()
+        if text:
+          break
+      else:
+        return False
+      if not text.startswith('{'):
+        return False
+      json.loads(text)
+      return any(line.strip() for line in f)
+  except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors.
+    return False
+
+
+class ParquetFile(Source):
+  """A parquet file, memory-mapped and opened per process; one row group decoded (and cached) at a time."""
+
+  def __init__(self, path: str, field: str = 'dataset_name', columns: Sequence[str] | None = None):
+    self.path = self.name = path
+    self._stamp = _stamp(path, field)
+    file = _open_parquet(path)
+    meta = file.metadata
+    self._ends = np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)], dtype=np.int64)
+    self._all_columns = list(file.schema_arrow.names)
+    self.columns = None if columns is None else list(columns)
+    self._file = _PerProcessHandle(path, self._stamp)
+    self._cache = None  # (row group, pyarrow.Table)
+    self._lock, self._lock_pid = threading.Lock(), os.getpid()
+
+  def __getstate__(self):
+    return {**self.__dict__, '_cache': None, '_lock': None, '_lock_pid': None}
+
+  def __len__(self) -> int:
+    return int(self._ends[-1]) if len(self._ends) else 0
+
+  def _origin(self, index: int) -> str:
+    return f'{self.path} row {index}'
+
+  def _row(self, index: int) -> dict:
+    group = int(np.searchsorted(self._ends, index, side='right'))
+    start = int(self._ends[group - 1]) if group else 0
+    cache = self._cache
+    if cache is None or cache[0] != group:
+      if self._lock_pid != os.getpid():  # A new process (a fork may have copied a held lock).
+        self._lock, self._lock_pid = threading.Lock(), os.getpid()
+      with self._lock:
+        cache = self._cache  # Another thread may have decoded this row group meanwhile.
+        if cache is None or cache[0] != group:
+          try:
+            table = self._file.get(_open_parquet).read_row_group(group, columns=self.columns)
+          except (OSError, ValueError) as e:
+            raise InputError(f"{self._origin(index)}: cannot read parquet ({' '.join(str(e).split())[:200]})"
+                             ) from None
+          cache = self._cache = (group, table)
+    return cache[1].slice(index - start, 1).to_pylist()[0]
+
+  def column_names(self) -> list[str]:
+    return list(self.columns) if self.columns is not None else list(self._all_columns)
+
+  def fingerprint(self) -> str:
+    return _file_fingerprint('parquet', self.path, self._stamp, self.columns)
+
+
+def _open_parquet(path: str):
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  try:
+    return pq.ParquetFile(path, memory_map=True)
+  except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError.
+    raise InputError(f"{path}: cannot read parquet ({' '.join(str(e).split())[:200]})") from None
+
+
+class HubSplit(Source):
+  """A `datasets.Dataset` (memory-mapped Arrow, random access) of a hub dataset's split."""
+
+  def __init__(self, dataset, dataset_name: str, config: str | None, split: str):
+    self.dataset, self.dataset_name, self.config, self.split = dataset, dataset_name, config, split
+    self.name = f'{dataset_name} split {split!r}'
+
+  def __len__(self) -> int:
+    return len(self.dataset)
+
+  def _row(self, index: int) -> dict:
+    return self.dataset[index]
+
+  def _origin(self, index: int) -> str:
+    return f'dataset {self.dataset_name!r} split {self.split!r} row {index}'
+
+  def column_names(self) -> list[str]:
+    return list(self.dataset.column_names)
+
+  def fingerprint(self) -> str:
+    fingerprint = self.dataset._fingerprint  # pylint: disable=protected-access  (datasets' content id)
+    return _digest('hub', self.dataset_name, self.config, self.split, fingerprint)
+
+
+class RowList(Source):
+  """Rows held in memory (synthetic data, tests): origin "dataset 'NAME' split 'SPLIT' row I"."""
+
+  def __init__(self, rows: Sequence[dict], dataset: str, split: str):
+    self.rows, self.dataset, self.split = list(rows), dataset, split
+    self.name = f'{dataset} split {split!r}'
+    self._fingerprint = None
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def _row(self, index: int) -> dict:
+    row = self.rows[index]
+    if not isinstance(row, dict):
+      raise InputError(f'{self._origin(index)}: expected an object (dict), got {_json_type(row)}')
+    return row
+
+  def _origin(self, index: int) -> str:
+    return f'dataset {self.dataset!r} split {self.split!r} row {index}'
+
+  def fingerprint(self) -> str:
+    if self._fingerprint is None:
+      blob = json.dumps(self.rows, sort_keys=True, default=str).encode()
+      self._fingerprint = hashlib.sha256(blob).hexdigest()
+    return self._fingerprint
+
+
+class Concat(Source):
+  """Several sources one after the other (a directory's files, a mixture's datasets)."""
+
+  def __init__(self, parts: Sequence[Source], name: str):
+    self.parts, self.name = list(parts), name
+    self._ends = np.cumsum([len(p) for p in self.parts], dtype=np.int64)
+
+  def __len__(self) -> int:
+    return int(self._ends[-1]) if len(self._ends) else 0
+
+  def _locate(self, index: int) -> tuple[Source, int]:
+    part = int(np.searchsorted(self._ends, index, side='right'))
+    return self.parts[part], index - (int(self._ends[part - 1]) if part else 0)
+
+  def _row(self, index: int) -> dict:
+    part, local = self._locate(index)
+    return part[local]
+
+  def _origin(self, index: int) -> str:
+    part, local = self._locate(index)
+    return part.origin(local)
+
+  def column_names(self) -> list[str]:
+    return self.parts[0].column_names() if self.parts else []
+
+  def fingerprint(self) -> str:
+    return _digest('concat', [p.fingerprint() for p in self.parts])
+
+
+class Select(Source):
+  """An index view: `self[i] = base[indices[i]]` (subsampling, shuffling, a test split)."""
+
+  def __init__(self, base: Source, indices, name: str):
+    self.base, self.name = base, name
+    self.indices = np.asarray(indices, np.int64)
+    if self.indices.ndim != 1 or len(self.indices) and not (
+        0 <= self.indices.min() and self.indices.max() < len(base)):
+      raise ValueError(f'{name}: indices must be a vector in [0, {len(base)})')
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def _row(self, index: int) -> dict:
+    return self.base[int(self.indices[index])]
+
+  def _origin(self, index: int) -> str:
+    return self.base.origin(int(self.indices[index]))
+
+  def column_names(self) -> list[str]:
+    return self.base.column_names()
+
+  def fingerprint(self) -> str:
+    indices = hashlib.sha256(np.ascontiguousarray(self.indices, '<i8').tobytes()).hexdigest()
+    return _digest('select', self.base.fingerprint(), indices)
+
+
+class Columns(Source):
+  """A column selection: rows hold exactly `columns` (a column a row lacks is None, as in `datasets`)."""
+
+  def __init__(self, base: Source, columns: Sequence[str]):
+    self.base, self.columns, self.name = base, list(columns), base.name
+
+  def __len__(self) -> int:
+    return len(self.base)
+
+  def _row(self, index: int) -> dict:
+    row = self.base[index]
+    return {c: row.get(c) for c in self.columns}
+
+  def _origin(self, index: int) -> str:
+    return self.base.origin(index)
+
+  def column_names(self) -> list[str]:
+    return list(self.columns)
+
+  def fingerprint(self) -> str:
+    return _digest('columns', self.base.fingerprint(), self.columns)
+
+
+def select_columns(source: Source, columns: Sequence[str]) -> Source:
+  """`source` with only `columns` (read natively where the format allows: parquet, hub datasets)."""
+  if isinstance(source, ParquetFile):
+    return ParquetFile(source.path, columns=columns)
+  if isinstance(source, HubSplit):
+    return HubSplit(source.dataset.select_columns(list(columns)), source.dataset_name, source.config, source.split)
+  if isinstance(source, Concat):
+    return Concat([select_columns(p, columns) for p in source.parts], source.name)
+  return Columns(source, columns)
+
+
+def open_files(paths: Sequence[str], *, name: str | None = None, field: str = 'dataset_name') -> Source:
+  """Local JSON Lines / JSON / parquet files, concatenated. Raises InputError if unreadable or all empty."""
+  parts = []
+  for path in paths:
+    lower = path.lower()
+    if lower.endswith('.jsonl'):
+      parts.append(JsonLinesFile(path, field))
+    elif lower.endswith('.json'):
+      parts.append(_open_json(path, field))
+    else:
+      parts.append(ParquetFile(path, field))
+  parts = [p for p in parts if len(p)]
+  if not parts:
+    raise InputError(f"config field '{field}': {', '.join(paths)}: the dataset is empty (0 rows)")
+  return parts[0] if len(parts) == 1 else Concat(parts, name or ', '.join(paths))
 
 
 @dataclasses.dataclass
 class Splits:
-  """A dataset's train split and optional eval split, with names and row origins for messages."""
-  train: Sequence[dict]
-  eval: Sequence[dict] | None
+  """A dataset's train split and optional eval split, with names for messages."""
+  train: Source
+  eval: Source | None
   train_name: str
   eval_name: str | None
-  origin: Callable[[int], str] | None = None  # Train row index → "data.jsonl line 17".
-  eval_origin: Callable[[int], str] | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class LineOrigin:
-  """Row index → "FILE line N" (picklable, for multi-process data loading)."""
-  paths: tuple[str, ...]  # One entry per file.
-  files: tuple[int, ...]  # Per row: index into `paths`.
-  lines: tuple[int, ...]  # Per row: 1-based line number (JSON Lines) or item index (JSON arrays, parquet).
-  unit: tuple[str, ...]  # Per file: 'line' | 'row'.
+def load_splits(*, dataset_name: str | None, dataset_config: str | None, dataset_train_split: str,
+                dataset_test_split: str | None, dataset_mixture: Any = None, need_eval: bool) -> Splits:
+  """The train split (and the eval split if `need_eval`) of `dataset_name` or of `dataset_mixture`.
 
-  def __call__(self, index: int) -> str:
-    f = self.files[index]
-    return f'{self.paths[f]} {self.unit[f]} {self.lines[index]}'
-
-
-@dataclasses.dataclass(frozen=True)
-class IndexOrigin:
-  """Row index → "dataset 'NAME' split 'SPLIT' row I"."""
-  name: str
-  split: str
-
-  def __call__(self, index: int) -> str:
-    return f'dataset {self.name!r} split {self.split!r} row {index}'
-
-
-def load_splits(*, dataset_name: str, dataset_config: str | None, dataset_train_split: str,
-                dataset_test_split: str | None, need_eval: bool) -> Splits:
-  """The train split (and the eval split if `need_eval`) of `dataset_name`.
+  Rows are read lazily: a malformed row raises when read (`splits.train[i]`), naming its origin.
 
   Raises:
-    InputError: naming `dataset_name`, the file, the line or the split at fault: missing file or split,
-      malformed JSON, a row that is not an object, an empty split, a hub dataset that cannot be loaded.
+    InputError: naming the config field, file or split at fault: unset or conflicting fields, a missing file
+      or split, an empty split, a hub dataset that cannot be loaded, an invalid mixture.
   """
+  if dataset_mixture is not None and not (isinstance(dataset_mixture, str) and not dataset_mixture.strip()):
+    if dataset_name:
+      raise InputError("config fields 'dataset_name' and 'dataset_mixture' are both set; set one of them")
+    if dataset_config:
+      raise InputError("config field 'dataset_config' has no effect with 'dataset_mixture'; set 'config' on "
+                       'the datasets of the mixture')
+    if dataset_train_split not in (None, '', 'train'):
+      raise InputError(f"config field 'dataset_train_split': a dataset_mixture's splits are 'train' and 'test', "
+                       f'got {dataset_train_split!r}')
+    if dataset_test_split not in (None, '', 'test'):
+      raise InputError(f"config field 'dataset_test_split': a dataset_mixture's splits are 'train' and 'test', "
+                       f'got {dataset_test_split!r}')
+    from jaxsft.data import mixture as mixture_lib  # pylint: disable=import-outside-toplevel  (it imports this module)
+    mixture = mixture_lib.load_mixture(dataset_mixture)
+    if need_eval and 'test' not in mixture:
+      raise InputError("config field 'dataset_mixture.test_split_size' is not set, but an eval split is needed "
+                       '(set it, or disable evaluation)')
+    return Splits(train=mixture['train'], eval=mixture['test'] if need_eval else None, train_name=mixture['train'].name,
+                  eval_name=mixture['test'].name if need_eval else None)
   if not dataset_name:
     raise InputError("config field 'dataset_name' is not set")
   if need_eval and not dataset_test_split:
     raise InputError("config field 'dataset_test_split' is not set, but an eval split is needed")
   if dataset_name.startswith('synthetic:'):
-    from jaxsft.data import synthetic  # pylint: disable=import-outside-toplevel  (optional, lazy)
-    splits = synthetic.load(dataset_name)
-    if splits.origin is None:
-      splits.origin = IndexOrigin(dataset_name, 'train')
-    if splits.eval is not None and splits.eval_origin is None:
-      splits.eval_origin = IndexOrigin(dataset_name, 'test')
+    splits = _synthetic(dataset_name)
     if not need_eval:
-      splits.eval, splits.eval_name, splits.eval_origin = None, None, None
+      splits.eval, splits.eval_name = None, None
     elif splits.eval is None:
       raise InputError(f"config field 'dataset_name': {dataset_name!r} has no eval split")
     return splits
   if os.path.isfile(dataset_name):
-    return _from_file(dataset_name, need_eval, dataset_test_split)
+    if need_eval:
+      raise InputError(f"config field 'dataset_test_split': {dataset_test_split!r} is not available: the dataset "
+                       f'{dataset_name!r} is a single file (the train split); use a directory with a '
+                       f'{dataset_test_split}.jsonl file, or disable evaluation')
+    return Splits(train=_from_file(dataset_name, 'dataset_name'), eval=None, train_name=dataset_name, eval_name=None)
   if os.path.isdir(dataset_name):
-    return _from_directory(dataset_name, dataset_train_split, dataset_test_split if need_eval else None)
+    files = _data_files(dataset_name, 'dataset_name')
+    splits = Splits(train=_directory_split(dataset_name, files, dataset_train_split, 'dataset_train_split', True),
+                    eval=None, train_name=f'{dataset_name} split {dataset_train_split!r}', eval_name=None)
+    if need_eval:
+      splits.eval = _directory_split(dataset_name, files, dataset_test_split, 'dataset_test_split', False)
+      splits.eval_name = f'{dataset_name} split {dataset_test_split!r}'
+    return splits
   if _looks_like_path(dataset_name):
     raise InputError(f"config field 'dataset_name': no such file or directory: {dataset_name!r}")
-  return _from_hub(dataset_name, dataset_config, dataset_train_split, dataset_test_split if need_eval else None)
+  train = _load_hub_split(dataset_name, dataset_config, dataset_train_split, 'dataset_name', 'dataset_train_split')
+  splits = Splits(train=train, eval=None, train_name=train.name, eval_name=None)
+  if need_eval:
+    splits.eval = _load_hub_split(dataset_name, dataset_config, dataset_test_split, 'dataset_name',
+                                  'dataset_test_split')
+    splits.eval_name = splits.eval.name
+  return splits
+
+
+def _synthetic(name: str) -> Splits:
+  from jaxsft.data import synthetic  # pylint: disable=import-outside-toplevel  (it imports this module)
+  return synthetic.load(name)
+
+
+def open_split(name: str, config: str | None, split: str, *, name_field: str, split_field: str) -> Source:
+  """One split of a dataset named as `dataset_name` is (a mixture's `id`): synthetic, file, directory or hub."""
+  if name.startswith('synthetic:'):
+    splits = _synthetic(name)
+    source = {'train': splits.train, 'test': splits.eval}.get(split)
+    if source is None:
+      raise InputError(f"config field '{split_field}': {name!r} has no split {split!r}")
+    return source
+  if os.path.isfile(name):
+    if split != 'train':
+      raise InputError(f"config field '{split_field}': {split!r} is not available: {name!r} is a single file "
+                       "(its only split is 'train')")
+    return _from_file(name, name_field)
+  if os.path.isdir(name):
+    return _directory_split(name, _data_files(name, name_field), split, split_field, split == 'train', name_field)
+  if _looks_like_path(name):
+    raise InputError(f"config field '{name_field}': no such file or directory: {name!r}")
+  return _load_hub_split(name, config, split, name_field, split_field)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -96,45 +618,32 @@ def _looks_like_path(name: str) -> bool:
           or name.count('/') > 1 or os.sep != '/' and os.sep in name)
 
 
-def _from_file(path: str, need_eval: bool, test_split: str | None) -> Splits:
+def _from_file(path: str, field: str) -> Source:
   if not path.lower().endswith(EXTENSIONS):
-    raise InputError(f"config field 'dataset_name': {path!r} is not a .jsonl, .json or .parquet file")
-  if need_eval:
-    raise InputError(f"config field 'dataset_test_split': {test_split!r} is not available: the dataset "
-                     f'{path!r} is a single file (the train split); use a directory with a '
-                     f'{test_split}.jsonl file, or disable evaluation')
-  rows, origin = read_files([path])
-  return Splits(train=rows, eval=None, train_name=path, eval_name=None, origin=origin)
+    raise InputError(f"config field '{field}': {path!r} is not a .jsonl, .json or .parquet file")
+  return open_files([path], field=field)
 
 
-def _from_directory(directory: str, train_split: str, test_split: str | None) -> Splits:
+def _data_files(directory: str, field: str) -> list[str]:
   files = sorted(os.path.relpath(os.path.join(root, name), directory)
                  for root, _, names in os.walk(directory) for name in names
                  if name.lower().endswith(EXTENSIONS) and not name.startswith('.'))
   if not files:
-    raise InputError(f"config field 'dataset_name': the directory {directory!r} holds no .jsonl, .json or "
+    raise InputError(f"config field '{field}': the directory {directory!r} holds no .jsonl, .json or "
                      '.parquet files')
+  return files
 
-  def split_files(split: str) -> list[str]:
-    return [os.path.join(directory, f) for f in files if _file_split(f, split)]
 
-  train = split_files(train_split)
-  if not train and not any(_file_split(f, s) for f in files for s in _KNOWN_SPLITS):
-    train = [os.path.join(directory, f) for f in files]  # No file is named for a split: all are 'train'.
-  if not train:
-    raise InputError(f"config field 'dataset_train_split': no file for split {train_split!r} in {directory!r} "
+def _directory_split(directory: str, files: list[str], split: str, split_field: str, all_if_unnamed: bool,
+                     name_field: str = 'dataset_name') -> Source:
+  """The files of `split` (with `all_if_unnamed`: every file when no file is named for any split)."""
+  paths = [os.path.join(directory, f) for f in files if _file_split(f, split)]
+  if not paths and all_if_unnamed and not any(_file_split(f, s) for f in files for s in _KNOWN_SPLITS):
+    paths = [os.path.join(directory, f) for f in files]
+  if not paths:
+    raise InputError(f"config field '{split_field}': no file for split {split!r} in {directory!r} "
                      f'(files: {files[:10]})')
-  rows, origin = read_files(train)
-  splits = Splits(train=rows, eval=None, train_name=f'{directory} split {train_split!r}', eval_name=None,
-                  origin=origin)
-  if test_split:
-    test = split_files(test_split)
-    if not test:
-      raise InputError(f"config field 'dataset_test_split': no file for split {test_split!r} in "
-                       f'{directory!r} (files: {files[:10]})')
-    splits.eval, splits.eval_origin = read_files(test)
-    splits.eval_name = f'{directory} split {test_split!r}'
-  return splits
+  return open_files(paths, name=f'{directory} split {split!r}', field=name_field)
 
 
 _KNOWN_SPLITS = ('train', 'training', 'test', 'testing', 'eval', 'evaluation', 'validation', 'valid', 'val',
@@ -154,118 +663,14 @@ def _file_split(relpath: str, split: str) -> bool:
   return stem == split or (stem.startswith(split) and stem[len(split)] in '-_.')
 
 
-def read_files(paths: Sequence[str]) -> tuple[list[dict], LineOrigin]:
-  """Rows of local JSON Lines / JSON / parquet files (concatenated) and their origins."""
-  rows, files, lines, units = [], [], [], []
-  for f, path in enumerate(paths):
-    lower = path.lower()
-    if lower.endswith('.jsonl'):
-      numbered, unit = _read_jsonl(path), 'line'
-    elif lower.endswith('.json'):
-      numbered, unit = _read_json(path)
-    else:
-      numbered, unit = _read_parquet(path), 'row'
-    units.append(unit)
-    for number, row in numbered:
-      rows.append(row)
-      files.append(f)
-      lines.append(number)
-  if not rows:
-    raise InputError(f"config field 'dataset_name': {', '.join(paths)}: the dataset is empty (0 rows)")
-  return rows, LineOrigin(tuple(paths), tuple(files), tuple(lines), tuple(units))
-
-
-def _open(path: str):
-  try:
-    return open(path, encoding='utf-8-sig')
-  except OSError as e:
-    raise InputError(f"config field 'dataset_name': cannot read {path!r} ({e.strerror})") from None
-
-
-def _read_jsonl(path: str) -> list[tuple[int, dict]]:
-  rows = []
-  try:
-    f = open(path, 'rb')  # Bytes, decoded line by line, so a bad byte is reported on its own line.
-  except OSError as e:
-    raise InputError(f"config field 'dataset_name': cannot read {path!r} ({e.strerror})") from None
-  with f:
-    for line_number, raw in enumerate(f, start=1):
-      try:
-        line = raw.decode('utf-8-sig' if line_number == 1 else 'utf-8')
-      except UnicodeDecodeError as e:
-        raise InputError(f'{path} line {line_number}: not UTF-8 text ({e})') from None
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise InputError(f'{path} line {line_number}: malformed JSON ({e})') from None
-      if not isinstance(row, dict):
-        raise InputError(f'{path} line {line_number}: expected a JSON object, got {_json_type(row)}')
-      rows.append((line_number, row))
-  return rows
-
-
-def _read_json(path: str) -> tuple[list[tuple[int, dict]], str]:
-  """A JSON array of objects (or `{"data": [...]}`); JSON Lines under a .json name are read as such."""
-  with _open(path) as f:
-    try:
-      text = f.read()
-    except UnicodeDecodeError as e:
-      raise InputError(f'{path}: not UTF-8 text ({e})') from None
-  try:
-    value = json.loads(text)
-  except json.JSONDecodeError as e:
-    if e.msg == 'Extra data':  # One object per line.
-      return _read_jsonl(path), 'line'
-    raise InputError(f'{path} line {e.lineno}: malformed JSON ({e})') from None
-  if isinstance(value, dict):
-    lists = [v for v in value.values() if isinstance(v, list)]
-    if len(lists) == 1 and all(isinstance(v, list) for v in value.values()):
-      value = lists[0]
-    else:
-      return [(1, value)], 'line'  # A single object: one row (JSON Lines with one line).
-  if not isinstance(value, list):
-    raise InputError(f'{path}: expected a JSON array of objects, got {_json_type(value)}')
-  for i, row in enumerate(value):
-    if not isinstance(row, dict):
-      raise InputError(f'{path} item {i}: expected a JSON object, got {_json_type(row)}')
-  return list(enumerate(value)), 'item'
-
-
-def _read_parquet(path: str) -> list[tuple[int, dict]]:
-  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  try:
-    table = pq.read_table(path)
-  except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError.
-    raise InputError(f"{path}: cannot read parquet ({' '.join(str(e).split())[:200]})") from None
-  return list(enumerate(table.to_pylist()))
-
-
-def _json_type(value) -> str:
-  return {dict: 'an object', list: 'an array', str: 'a string', bool: 'a boolean', type(None): 'null'}.get(
-      type(value), 'a number')
-
-
-def _from_hub(name: str, config: str | None, train_split: str, test_split: str | None) -> Splits:
-  train = _load_hub_split(name, config, train_split, 'dataset_train_split')
-  splits = Splits(train=train, eval=None, train_name=f'{name} split {train_split!r}', eval_name=None,
-                  origin=IndexOrigin(name, train_split))
-  if test_split:
-    splits.eval = _load_hub_split(name, config, test_split, 'dataset_test_split')
-    splits.eval_name = f'{name} split {test_split!r}'
-    splits.eval_origin = IndexOrigin(name, test_split)
-  return splits
-
-
-def _load_hub_split(name: str, config: str | None, split: str, field: str):
+def _load_hub_split(name: str, config: str | None, split: str, name_field: str, split_field: str) -> HubSplit:
   import datasets  # pylint: disable=import-outside-toplevel  (slow import, only for hub datasets)
   try:
     dataset = datasets.load_dataset(name, config, split=split)
   except Exception as e:  # pylint: disable=broad-except  (any failure is the dataset's: name, config, split, network)
     message = ' '.join(str(e).split())[:300]
-    raise InputError(f"config field 'dataset_name': cannot load {name!r} (config {config!r}, split {split!r}; "
-                     f"{field}): {type(e).__name__}: {message}") from None
+    raise InputError(f"config field '{name_field}': cannot load {name!r} (config {config!r}, split {split!r}; "
+                     f"{split_field}): {type(e).__name__}: {message}") from None
   if len(dataset) == 0:
-    raise InputError(f"config field 'dataset_name': {name!r} split {split!r} is empty (0 rows)")
-  return dataset
+    raise InputError(f"config field '{name_field}': {name!r} split {split!r} is empty (0 rows)")
+  return HubSplit(dataset, name, config, split)

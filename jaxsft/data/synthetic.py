@@ -215,9 +215,10 @@ def load(name: str) -> sources.Splits:
   """
   params = _parse_name(name)
   base = name.partition('?')[0]
-  return sources.Splits(train=_rows(params['train'], 0, params['seed']),
-                        eval=_rows(params['test'], 1, params['seed']) if params['test'] else None,
-                        train_name=f'{base}/train', eval_name=f'{base}/test' if params['test'] else None)
+  return sources.Splits(
+      train=sources.RowList(_rows(params['train'], 0, params['seed']), name, 'train'),
+      eval=sources.RowList(_rows(params['test'], 1, params['seed']), name, 'test') if params['test'] else None,
+      train_name=f'{base}/train', eval_name=f'{base}/test' if params['test'] else None)
 
 
 def held_out_problems(n: int, seed: int) -> list[tuple[list[Message], str]]:
