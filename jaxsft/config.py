@@ -9,6 +9,7 @@ per-device batch 8, max_length 1024, bf16, gradient checkpointing).
 `InputError` naming the field; the trainer calls it before any I/O or compilation.
 """
 
+import math
 import os
 
 from ml_collections import config_dict
@@ -19,6 +20,7 @@ from jaxsft.models.transformer import REMAT_POLICIES
 from jaxsft.optim import SCHEDULES
 
 MODEL_INITS = ('pretrained', 'random')
+EVAL_STRATEGIES = ('no', 'steps', 'epoch')
 
 
 def base_config() -> config_dict.ConfigDict:
@@ -36,8 +38,16 @@ def base_config() -> config_dict.ConfigDict:
   c.dataset_config = config_dict.placeholder(str)
   c.dataset_train_split = 'train'
   c.dataset_test_split = 'test'
+  # open-r1's mixture: {'datasets': [{'id', 'config', 'split', 'columns', 'weight'}, ...], 'seed',
+  # 'test_split_size'} (weight = the fraction of the dataset kept), or the path of a YAML/JSON file with it.
+  c.dataset_mixture = config_dict.placeholder(object)
   c.dataset_text_field = 'text'
   c.max_length = 1024
+  c.packing = False  # Best-fit-decreasing packing of whole conversations into max_length rows (TRL's bfd).
+  c.skip_bad_rows = False  # False: a malformed row is an error naming it; True: skipped and counted.
+  c.dataset_num_proc = config_dict.placeholder(int)  # Processes for the length pass; None: all CPU cores.
+  c.dataloader_num_workers = 0  # grain worker processes that tokenize batches (0: threads in-process).
+  c.dataset_cache_dir = config_dict.placeholder(str)  # None: $JAXSFT_CACHE_DIR or ~/.cache/jaxsft.
   c.assistant_only_loss = False
   c.completion_only_loss = config_dict.placeholder(bool)  # None: on for prompt/completion data.
   c.chat_template = config_dict.placeholder(str)  # A Jinja string or a path to a template file.
@@ -63,6 +73,10 @@ def base_config() -> config_dict.ConfigDict:
   c.adam_epsilon = 1e-8
   c.bf16 = True  # bfloat16 compute with float32 master weights; False = float32 throughout.
   c.gradient_checkpointing = True  # Rematerialise each layer (config.model.remat overrides).
+
+  # Evaluation (on dataset_test_split, or the mixture's test split).
+  c.eval_strategy = 'no'  # 'no' | 'steps' (every eval_steps) | 'epoch'.
+  c.eval_steps = config_dict.placeholder(float)  # None: logging_steps; < 1: a fraction of the total steps.
 
   # Logging.
   c.logging_steps = 10
@@ -108,8 +122,16 @@ def _choice(value, field: str, choices):
 def validate(config: config_dict.ConfigDict) -> None:
   """Checks the config without touching data or devices; raises InputError naming the field."""
   model_path = _need(config, 'model_name_or_path')
-  _need(config, 'dataset_name')
+  if config.dataset_mixture is None:
+    _need(config, 'dataset_name')
+  elif config.dataset_name:
+    raise InputError("config fields 'dataset_name' and 'dataset_mixture' are both set; set one of them")
   _need(config, 'output_dir')
+  _choice(config.eval_strategy, 'eval_strategy', EVAL_STRATEGIES)
+  if config.eval_steps is not None and config.eval_steps <= 0:
+    raise InputError(f"config field 'eval_steps' must be positive, got {config.eval_steps!r}")
+  if config.dataset_num_proc is not None and config.dataset_num_proc < 1:
+    raise InputError(f"config field 'dataset_num_proc' must be positive, got {config.dataset_num_proc!r}")
   _choice(config.model_init, 'model_init', MODEL_INITS)
   _choice(config.lr_scheduler_type, 'lr_scheduler_type', SCHEDULES)
   _choice(config.model.attention_impl, 'model.attention_impl', ATTENTION_IMPLS)
@@ -120,7 +142,8 @@ def validate(config: config_dict.ConfigDict) -> None:
   for field in ('learning_rate', 'per_device_train_batch_size', 'per_device_eval_batch_size',
                 'gradient_accumulation_steps', 'max_length', 'logging_steps', 'adam_epsilon'):
     _positive(config, field)
-  for field in ('weight_decay', 'warmup_ratio', 'warmup_steps', 'num_train_epochs', 'accuracy_eval_problems'):
+  for field in ('weight_decay', 'warmup_ratio', 'warmup_steps', 'num_train_epochs', 'accuracy_eval_problems',
+                'dataloader_num_workers'):
     _positive(config, field, allow_zero=True)
   if config.warmup_ratio > 1:
     raise InputError(f"config field 'warmup_ratio' must be in [0, 1], got {config.warmup_ratio!r}")
@@ -150,6 +173,21 @@ def _is_local_path(name: str) -> bool:
 
 def _looks_like_path(template: str) -> bool:
   return '{' not in template and '\n' not in template
+
+
+def eval_interval(config: config_dict.ConfigDict, total_steps: int) -> int:
+  """Steps between evaluations for eval_strategy 'steps' (transformers: a float < 1 is a fraction)."""
+  steps = config.eval_steps if config.eval_steps is not None else config.logging_steps
+  if steps < 1:
+    return max(math.ceil(steps * total_steps), 1)
+  if steps != int(steps):
+    raise InputError(f"config field 'eval_steps' must be an integer or a fraction below 1, got {steps!r}")
+  return int(steps)
+
+
+def cache_dir(config: config_dict.ConfigDict) -> str:
+  return (config.dataset_cache_dir or os.environ.get('JAXSFT_CACHE_DIR')
+          or os.path.join(os.path.expanduser('~'), '.cache', 'jaxsft'))
 
 
 def remat_policy(config: config_dict.ConfigDict) -> str:

@@ -10,11 +10,10 @@ step is split into micro-batches or devices.
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,30 +29,12 @@ from jaxsft import metrics as metrics_lib
 from jaxsft import optim
 from jaxsft import sharding
 from jaxsft.data import pipeline
-from jaxsft.data import sources
+from jaxsft.data import prepare
 from jaxsft.errors import InputError
 from jaxsft.models import hf
 from jaxsft.models import transformer
 
 log = metrics_lib.log
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-  """How the data maps onto optimizer steps (transformers' Trainer arithmetic)."""
-  micro_batch_size: int  # Rows per micro-batch, all devices.
-  accumulation: int
-  micro_batches_per_epoch: int
-  steps_per_epoch: int
-  total_steps: int
-
-  @classmethod
-  def create(cls, num_examples: int, micro_batch_size: int, accumulation: int, num_train_epochs: float,
-             max_steps: int) -> 'Geometry':
-    micro_batches = pipeline.num_batches(num_examples, micro_batch_size)
-    steps_per_epoch = max(math.ceil(micro_batches / accumulation), 1)
-    total = max_steps if max_steps > 0 else math.ceil(num_train_epochs * steps_per_epoch)
-    return cls(micro_batch_size, accumulation, micro_batches, steps_per_epoch, total)
 
 
 def count_loss_tokens(batch: dict[str, np.ndarray]) -> int:
@@ -108,26 +89,6 @@ def write_resolved_config(config: config_dict.ConfigDict, output_dir: str, extra
   os.replace(tmp, os.path.join(output_dir, 'config.json'))
 
 
-def epoch_steps(examples, geometry: Geometry, *, seq_len: int, pad_id: int, seed: int,
-                epoch: int) -> Iterator[list[dict[str, np.ndarray]]]:
-  """The optimizer steps of one epoch, each a list of `accumulation` micro-batches.
-
-  As in transformers' Trainer, the last step of an epoch takes the micro-batches left over; here it is
-  filled up with empty micro-batches (no loss tokens, zero gradient) so every step has the same shape.
-  """
-  batches = pipeline.padded_batches(examples, batch_size=geometry.micro_batch_size, seq_len=seq_len,
-                                    pad_id=pad_id, seed=seed, epoch=epoch)
-  group = []
-  for batch in batches:
-    group.append(batch)
-    if len(group) == geometry.accumulation:
-      yield group
-      group = []
-  if group:
-    empty = pipeline.empty_batch(geometry.micro_batch_size, seq_len, pad_id)
-    yield group + [empty] * (geometry.accumulation - len(group))
-
-
 class TrainStep:
   """The jitted micro-step: forward, chunked masked cross-entropy, gradients, optax update."""
 
@@ -137,6 +98,7 @@ class TrainStep:
     self.tx = tx
     self.loss_chunk_size = loss_chunk_size
     self.step = jax.jit(self._step, donate_argnums=(0,))
+    self.eval_step = jax.jit(self.loss_sums)
 
   def loss_sums(self, params, batch):
     model = nnx.merge(self.graphdef, params, self.rest)
@@ -185,21 +147,11 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
   if len(tokenizer) > model_cfg.vocab_size:
     raise InputError(f'the tokenizer has {len(tokenizer)} tokens but the model at {model_dir!r} '
                      f'embeds only {model_cfg.vocab_size}')
-  splits = sources.load_splits(dataset_name=config.dataset_name, dataset_config=config.dataset_config,
-                               dataset_train_split=config.dataset_train_split,
-                               dataset_test_split=config.dataset_test_split, need_eval=False)
-  data = pipeline.tokenize_dataset(
-      splits.train, tokenizer, max_length=config.max_length, assistant_only_loss=config.assistant_only_loss,
-      completion_only_loss=config.completion_only_loss, dataset_text_field=config.dataset_text_field,
-      origin=splits.origin)
-  log(f'data: {data.num_rows} rows from {splits.train_name}; {len(data.examples)} kept, '
-      f'{data.num_dropped} dropped (no loss token after truncation to max_length={config.max_length}), '
-      f'{data.num_truncated} truncated, {data.num_loss_tokens} loss tokens; format {data.fmt}'
-      + (f', assistant mask from {data.assistant_mask_method}' if data.assistant_mask_method else ''))
-
   micro_batch_size = config.per_device_train_batch_size * jax.device_count()
-  geometry = Geometry.create(len(data.examples), micro_batch_size, config.gradient_accumulation_steps,
-                             config.num_train_epochs, config.max_steps)
+  data = prepare.prepare(config, tokenizer, micro_batch_size=micro_batch_size,
+                         eval_batch_size=config.per_device_eval_batch_size * jax.device_count(),
+                         process_index=jax.process_index(), process_count=jax.process_count(), log=log)
+  geometry = data.train.geometry
   warmup = optim.num_warmup_steps(geometry.total_steps, config.warmup_steps, config.warmup_ratio)
   tx, schedule = optim.make_optimizer(
       learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
@@ -212,7 +164,9 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
       'mesh': dict(mesh.shape), 'micro_batch_size': micro_batch_size,
       'global_batch_size': micro_batch_size * geometry.accumulation,
       'steps_per_epoch': geometry.steps_per_epoch, 'total_steps': geometry.total_steps,
-      'warmup_steps': warmup, 'num_examples': len(data.examples), 'num_dropped': data.num_dropped,
+      'warmup_steps': warmup, 'num_rows': len(data.train.index), 'num_examples': len(data.train.index.kept),
+      'num_dropped': data.train.index.num_dropped, 'num_bad_rows_skipped': data.train.index.num_bad,
+      'num_packed_rows': len(data.train.plan), 'packing_efficiency': data.train.plan.efficiency,
       'model': dataclasses.asdict(model_cfg)})
   log(f'training {geometry.total_steps} steps ({geometry.steps_per_epoch} per epoch) of '
       f'{geometry.accumulation} × {micro_batch_size} rows × {config.max_length} tokens on '
@@ -232,8 +186,7 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
         f'compute {model_cfg.dtype}, remat {model_cfg.remat}')
     state = {'params': params, 'opt_state': opt_state}
     step_fn = TrainStep(graphdef, rest, tx, config.model.loss_chunk_size)
-    state, last_row = _train_loop(config, mesh, step_fn, state, data, geometry, schedule, model_cfg,
-                                   tokenizer.pad_token_id)
+    state, last_row = _train_loop(config, mesh, step_fn, state, data, schedule, model_cfg)
     model = nnx.merge(graphdef, state['params'], rest)
     export_dir = export_hf(model, hf_cfg, tokenizer, model_dir, config.output_dir,
                            dtype='bfloat16' if config.bf16 else 'float32')
@@ -243,8 +196,10 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
   return last_row
 
 
-def _train_loop(config, mesh, step_fn: TrainStep, state, data, geometry: Geometry, schedule, model_cfg,
-                pad_id: int):
+def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, schedule, model_cfg):
+  geometry = data.train.geometry
+  loader = pipeline.Loader(data.train.steps, num_workers=config.dataloader_num_workers)
+  eval_every = config_lib.eval_interval(config, geometry.total_steps) if config.eval_strategy == 'steps' else 0
   writer = metrics_lib.MetricsWriter(config.output_dir)
   throughput = metrics_lib.Throughput(model_cfg, config.max_length, jax.device_count())
   bar = tqdm.tqdm(total=geometry.total_steps, disable=config.disable_tqdm or not metrics_lib.is_main_process(),
@@ -252,44 +207,76 @@ def _train_loop(config, mesh, step_fn: TrainStep, state, data, geometry: Geometr
   window_sums, last_row = [], {}  # The steps since the last logged row (for loss metrics).
   timed_loss_tokens = timed_all_tokens = 0  # Tokens since throughput.reset() (for tokens/s and MFU).
   num_tokens_total = 0
-  step, epoch = 0, 0
+  step = 0
   t_start = time.perf_counter()
   try:
-    while step < geometry.total_steps:
-      for micro_batches in epoch_steps(data.examples, geometry, seq_len=config.max_length, pad_id=pad_id,
-                                       seed=config.seed, epoch=epoch):
-        step_tokens = sum(count_loss_tokens(b) for b in micro_batches)
-        inv = jnp.float32(1.0 / max(step_tokens, 1))
-        step_sums = []
-        for batch in micro_batches:
-          timed_all_tokens += int((batch['segment_ids'] > 0).sum())
-          state, sums = step_fn.step(state, sharding.global_batch(mesh, batch), inv)
-          step_sums.append(sums)
-        step += 1
-        num_tokens_total += step_tokens
-        timed_loss_tokens += step_tokens
-        window_sums.append(step_sums)
-        if step == 1:  # Compilation: timed on its own, kept out of tokens/s.
-          jax.block_until_ready(state)
-          log(f'first step (compilation included) took {time.perf_counter() - t_start:.1f}s')
-          throughput.reset()
-          timed_loss_tokens = timed_all_tokens = 0
-        bar.update(1)
-        if step % config.logging_steps == 0 or step == geometry.total_steps:
-          last_row = _log_row(window_sums, step, geometry, schedule, num_tokens_total)
-          last_row.update(throughput.measure(timed_loss_tokens, timed_all_tokens))
-          timed_loss_tokens = timed_all_tokens = 0
-          writer.write(last_row)
-          bar.set_postfix(loss=f'{last_row["loss"]:.4f}', tok_s=f'{last_row["tokens_per_second"]:.0f}')
-          log(' '.join(f'{k}={_fmt(v)}' for k, v in last_row.items()))
-          window_sums = []
-        if step >= geometry.total_steps:
-          break
-      epoch += 1
+    for element in loader:
+      step_tokens = element['num_targets']
+      inv = jnp.float32(1.0 / max(step_tokens, 1))
+      step_sums = []
+      for batch in element['micro_batches']:
+        state, sums = step_fn.step(state, sharding.global_batch(mesh, batch), inv)
+        step_sums.append(sums)
+      step += 1
+      num_tokens_total += step_tokens
+      timed_loss_tokens += step_tokens
+      timed_all_tokens += element['num_input_tokens']
+      window_sums.append(step_sums)
+      if step == 1:  # Compilation: timed on its own, kept out of tokens/s.
+        jax.block_until_ready(state)
+        log(f'first step (compilation included) took {time.perf_counter() - t_start:.1f}s')
+        throughput.reset()
+        timed_loss_tokens = timed_all_tokens = 0
+      bar.update(1)
+      if step % config.logging_steps == 0 or step == geometry.total_steps:
+        last_row = _log_row(window_sums, step, geometry, schedule, num_tokens_total)
+        last_row.update(throughput.measure(timed_loss_tokens, timed_all_tokens))
+        timed_loss_tokens = timed_all_tokens = 0
+        writer.write(last_row)
+        bar.set_postfix(loss=f'{last_row["loss"]:.4f}', tok_s=f'{last_row["tokens_per_second"]:.0f}')
+        log(' '.join(f'{k}={_fmt(v)}' for k, v in last_row.items()))
+        window_sums = []
+      epoch_end = step % geometry.steps_per_epoch == 0 or step == geometry.total_steps
+      if data.eval is not None and ((eval_every and step % eval_every == 0)
+                                    or (config.eval_strategy == 'epoch' and epoch_end)):
+        t_eval = time.perf_counter()
+        row = evaluate(mesh, step_fn, state['params'], data.eval)
+        row.update(step=step, epoch=step / geometry.steps_per_epoch, eval_runtime=time.perf_counter() - t_eval)
+        writer.write(row)
+        log(' '.join(f'{k}={_fmt(v)}' for k, v in row.items()))
+        throughput.reset()  # Evaluation time is not training time.
+        timed_loss_tokens = timed_all_tokens = 0
+        last_row = {**last_row, **row}
   finally:
     bar.close()
     writer.close()
   return state, last_row
+
+
+def evaluate(mesh, step_fn: TrainStep, params, split: prepare.Split) -> dict:
+  """eval_loss (token-weighted over the whole split) and eval_mean_token_accuracy.
+
+  transformers' Trainer averages per-batch mean losses; here every loss token of the split weighs the same,
+  so the figure does not depend on the eval batch size or on packing.
+  """
+  totals = dict.fromkeys(loss_lib.SUM_KEYS, 0.0)
+  pending = None  # One batch in flight while the next is prepared.
+  for element in pipeline.Loader(split.steps):
+    (batch,) = element['micro_batches']
+    sums = step_fn.eval_step(params, sharding.global_batch(mesh, batch))
+    if pending is not None:
+      _accumulate(totals, pending)
+    pending = sums
+  if pending is not None:
+    _accumulate(totals, pending)
+  num = max(float(totals['num_tokens']), 1.0)
+  return {'eval_loss': float(totals['loss_sum']) / num, 'eval_mean_token_accuracy': float(totals['num_correct']) / num,
+          'eval_entropy': float(totals['entropy_sum']) / num, 'eval_num_tokens': int(totals['num_tokens'])}
+
+
+def _accumulate(totals: dict, sums) -> None:
+  for key, value in jax.device_get(sums).items():  # float64 on the host: exact enough for any split size.
+    totals[key] += float(value)
 
 
 def _log_row(window, step, geometry, schedule, num_tokens_total) -> dict:

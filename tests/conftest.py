@@ -1,9 +1,18 @@
 """Shared pytest fixtures."""
 
+import atexit
+import os
 import pathlib
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
+
+# The data index cache of every run in the test session (also of subprocesses, which inherit the
+# environment) goes to a fresh directory: no test reads what an earlier session left in ~/.cache.
+os.environ['JAXSFT_CACHE_DIR'] = tempfile.mkdtemp(prefix='jaxsft-test-cache-')
+atexit.register(shutil.rmtree, os.environ['JAXSFT_CACHE_DIR'], ignore_errors=True)
 
 # ----------------------------------------------------------------------------------------------------------
 # Tiny Hugging Face models (tests/test_model.py, tests/test_hf.py).
@@ -106,4 +115,5 @@ class TinyHF:
 @pytest.fixture(scope='session')
 def tiny_hf(tmp_path_factory) -> TinyHF:
   return TinyHF(tmp_path_factory.mktemp('tiny_hf'))
+
 

@@ -90,3 +90,40 @@ def test_existing_run_is_never_overwritten(tmp_path):
 ])
 def test_invalid_values_name_the_field(tmp_path, override, field):
   _assert_one_line_error(_tiny(tmp_path, override), field)
+
+
+@pytest.mark.parametrize('override,field', [
+    ('--config.eval_strategy=sometimes', 'eval_strategy'),
+    ('--config.eval_steps=0', 'eval_steps'),
+    ('--config.dataset_mixture=mix.yaml', 'dataset_mixture'),  # And dataset_name is set too.
+])
+def test_invalid_data_settings_name_the_field(tmp_path, override, field):
+  _assert_one_line_error(_tiny(tmp_path, override), field)
+
+
+def test_mixture_with_mismatched_columns_names_the_datasets(tmp_path):
+  a = _write(tmp_path / 'a.jsonl', [_messages_row()])
+  b = _write(tmp_path / 'b.jsonl', [json.dumps({'messages': json.loads(_messages_row())['messages'], 'source': 'x'})])
+  mix = _write(tmp_path / 'mix.yaml', ['datasets:', f'  - id: {a}', f'  - id: {b}', 'seed: 0'])
+  _assert_one_line_error(_tiny(tmp_path, '--config.dataset_name=', f'--config.dataset_mixture={mix}'),
+                         'dataset_mixture', 'a.jsonl', 'b.jsonl', 'source')
+
+
+def test_bad_row_in_the_eval_split_is_named(tmp_path):
+  data = tmp_path / 'data'
+  data.mkdir()
+  _write(data / 'train.jsonl', [_messages_row()] * 4)
+  _write(data / 'test.jsonl', [_messages_row(), '{"messages": 3}'])
+  _assert_one_line_error(_tiny(tmp_path, f'--config.dataset_name={data}', '--config.eval_strategy=steps'),
+                         'test.jsonl', 'line 2')
+
+
+@pytest.mark.slow
+def test_skip_bad_rows_trains_on_the_rest_and_counts_them(tmp_path):
+  data = _write(tmp_path / 'bad.jsonl', [_messages_row()] * 5 + ['{"messages": [', json.dumps({'messages': 'x'})])
+  proc = _tiny(tmp_path, f'--config.dataset_name={data}', '--config.skip_bad_rows=true', '--config.max_steps=1',
+               '--config.accuracy_eval_problems=0', '--config.disable_tqdm=true')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '2 bad rows skipped' in proc.stderr
+  resolved = json.loads((tmp_path / 'out' / 'config.json').read_text())['resolved']
+  assert resolved['num_bad_rows_skipped'] == 2 and resolved['num_examples'] == 5

@@ -7,6 +7,7 @@ import pytest
 
 from jaxsft import config as config_lib
 from jaxsft import trainer
+from jaxsft.data import pipeline
 from jaxsft.errors import InputError
 
 
@@ -62,7 +63,7 @@ def test_local_model_path_must_exist(tmp_path):
     (3, 8, 4, 1.0, -1, 1, 1),      # Never fewer than one step per epoch.
 ])
 def test_geometry_follows_transformers(rows, micro, accum, epochs, max_steps, steps_per_epoch, total):
-  g = trainer.Geometry.create(rows, micro, accum, epochs, max_steps)
+  g = pipeline.Geometry.create(rows, micro, accum, epochs, max_steps)
   assert (g.steps_per_epoch, g.total_steps) == (steps_per_epoch, total)
   assert g.micro_batches_per_epoch == math.ceil(rows / micro)
 
@@ -79,14 +80,3 @@ def test_count_loss_tokens_matches_next_token_targets():
   _, weights = loss.next_token_targets(jnp.asarray(batch['input_ids']), jnp.asarray(batch['loss_mask']),
                                        jnp.asarray(seg))
   assert trainer.count_loss_tokens(batch) == int(np.asarray(weights).sum())
-
-
-def test_last_step_of_an_epoch_is_filled_with_empty_micro_batches():
-  from jaxsft.data.formats import Example
-
-  examples = [Example(np.arange(5, dtype=np.int32), np.ones(5, np.int32)) for _ in range(10)]
-  g = trainer.Geometry.create(len(examples), 4, 2, 1.0, -1)  # 3 micro-batches → 2 steps.
-  steps = list(trainer.epoch_steps(examples, g, seq_len=8, pad_id=0, seed=0, epoch=0))
-  assert [len(s) for s in steps] == [2, 2]
-  assert sum(trainer.count_loss_tokens(b) for s in steps for b in s) == 10 * 4
-  assert steps[1][1]['segment_ids'].sum() == 0 and steps[1][1]['loss_mask'].sum() == 0

@@ -14,6 +14,7 @@ import pytest
 
 from jaxsft import config as config_lib
 from jaxsft import trainer
+from tests.helpers import models
 
 NUM_ROWS = 16
 NUM_STEPS = 12
@@ -32,29 +33,18 @@ def _settings(batch: int, accumulation: int) -> dict:
 
 @pytest.fixture(scope='module')
 def model_and_data(tmp_path_factory):
-  import torch
-  import transformers
   from jaxsft.data import synthetic
 
   root = tmp_path_factory.mktemp('parity')
-  assets = os.path.join(os.path.dirname(synthetic.__file__), '..', 'assets', 'tiny')
-  tokenizer = transformers.AutoTokenizer.from_pretrained(assets)
-  hf_cfg = transformers.Qwen2Config(
-      vocab_size=len(tokenizer) + (-len(tokenizer)) % 64, hidden_size=64, intermediate_size=128,
-      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-      tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-  torch.manual_seed(0)
-  model = transformers.Qwen2ForCausalLM(hf_cfg).to(torch.float32)
-  model_dir = root / 'model'
-  model.save_pretrained(model_dir)
-  tokenizer.save_pretrained(model_dir)
+  model_dir = models.save_tiny_qwen2(root / 'model', hidden_size=64, intermediate_size=128)
 
-  rows = synthetic.load('synthetic:arithmetic').train[:NUM_ROWS]
+  train = synthetic.load('synthetic:arithmetic').train
+  rows = [train[i] for i in range(NUM_ROWS)]
   data_file = root / 'train.jsonl'
   with open(data_file, 'w', encoding='utf-8') as f:
     for row in rows:
       f.write(json.dumps({'messages': row['messages']}) + '\n')
-  return str(model_dir), str(data_file), root
+  return model_dir, str(data_file), root
 
 
 def _trl_losses(model_dir, data_file, out_dir, batch, accumulation) -> list[float]:

@@ -31,6 +31,8 @@ means token t is a training target (TRL's `labels[t] != -100`).
 """
 
 import dataclasses
+import functools
+import inspect
 import json
 import re
 from collections.abc import Sequence
@@ -212,6 +214,136 @@ def tokenize_row(row: dict, tokenizer, *, fmt: str, max_length: int | None, assi
     loss_mask &= np.asarray(mask, np.int32)[:len(input_ids)]
   example = Example(np.asarray(input_ids, np.int32), loss_mask)
   return truncate(example, max_length)[0]
+
+
+def tokenize_rows(rows: Sequence[dict], tokenizer, *, fmt: str, max_length: int | None, assistant_only_loss: bool,
+                  completion_only_loss: bool | None, dataset_text_field: str,
+                  wheres: Sequence[str]) -> list[Example | InputError]:
+  """`tokenize_row` of many rows at once: for each row its Example, or the InputError it raises, as a value.
+
+  Every result equals what `tokenize_row(rows[k], ..., where=wheres[k])` returns or raises. Rows whose tokens
+  are "render, then encode one string" are encoded together in one call of the Rust tokenizer (all cores, no
+  Python per token): `messages` rows without `assistant_only_loss`, rendered with
+  `apply_chat_template(tokenize=False)` and encoded without special tokens, which is what transformers'
+  `apply_chat_template(tokenize=True)` does (render, then `tokenizer(text, add_special_tokens=False)`); and
+  `text` rows (text + eos, encoded with special tokens, as `tokenize_row`). Those encodings call the backend's
+  `encode_batch_fast` when the tokenizer is a plain `TokenizersBackend` whose state is what `tokenizer(...)`
+  would set (no truncation, no padding), which gives the ids of `tokenizer(text)` without computing character
+  offsets; otherwise `tokenizer(texts)`. Everything else (assistant masks, prompt/completion rows, a row whose
+  `chat_template_kwargs` set an argument of `apply_chat_template` itself, tokenizers that override how they
+  encode) goes through `tokenize_row` row by row.
+
+  Args:
+    rows: the dataset rows.
+    tokenizer, fmt, max_length, assistant_only_loss, completion_only_loss, dataset_text_field: as for
+      `tokenize_row`.
+    wheres: each row's origin for error messages (as many as rows).
+
+  Returns:
+    One entry per row, in order: its Example (truncated to `max_length`) or its InputError.
+
+  Raises:
+    ValueError: an unknown `fmt`, or `wheres` not as long as `rows` (caller errors, not data errors).
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f'unknown format {fmt!r}; expected one of {FORMATS}')
+  if len(wheres) != len(rows):
+    raise ValueError(f'{len(rows)} rows but {len(wheres)} origins')
+  settings = dict(fmt=fmt, max_length=max_length, assistant_only_loss=assistant_only_loss,
+                  completion_only_loss=completion_only_loss, dataset_text_field=dataset_text_field)
+  batched = fmt in (MESSAGES, TEXT) and not assistant_only_loss and _encodes_by_call(tokenizer)
+  results: list[Example | InputError | None] = [None] * len(rows)
+  pending, texts = [], []
+  for k, (row, where) in enumerate(zip(rows, wheres)):
+    text = None
+    if batched and isinstance(row, dict):
+      try:
+        text = _rendered(row, tokenizer, fmt, dataset_text_field, where)
+      except InputError as e:
+        results[k] = _located(e, where)
+        continue
+    if text is None:
+      try:
+        results[k] = tokenize_row(row, tokenizer, where=where, **settings)
+      except InputError as e:
+        results[k] = e
+      continue
+    pending.append(k)
+    texts.append(text)
+  if texts:
+    for k, ids in zip(pending, _encode_batch(tokenizer, texts, add_special_tokens=fmt == TEXT)):
+      input_ids = np.asarray(ids, np.int32)
+      results[k] = truncate(Example(input_ids, np.ones(len(input_ids), np.int32)), max_length)[0]
+  return results
+
+
+def _located(e: InputError, where: str) -> InputError:
+  """The error as `tokenize_row` raises it: prefixed with the row's origin unless it already starts with it."""
+  message = str(e)
+  return InputError(message if message.startswith(where) else f'{where}: {message}')
+
+
+def _rendered(row: dict, tokenizer, fmt: str, dataset_text_field: str, where: str) -> str | None:
+  """The string `tokenize_row` encodes in one call for this row (None: it needs `tokenize_row` itself).
+
+  Checks the row in `_tokenize`'s order, so a bad row raises the same InputError (before `_located`).
+  """
+  if fmt == TEXT:
+    return _with_eos(tokenizer, _column(row, dataset_text_field, where, str, 'a string'))
+  messages = _messages(row, where)
+  kwargs = _template_kwargs(row, where)
+  if any(key != 'tools' and key in _chat_template_parameters() for key in kwargs):
+    return None  # The row sets `tokenize`, `return_dict`, ... itself: only the real call is surely the same.
+  try:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **kwargs)
+  except (jinja2.TemplateError, TypeError, ValueError) as e:
+    raise InputError(f"{where}: column 'messages': the chat template failed ({_one_line(e)})") from None
+
+
+@functools.cache
+def _chat_template_parameters() -> frozenset[str]:
+  from transformers import tokenization_utils_base  # pylint: disable=import-outside-toplevel
+  return frozenset(inspect.signature(tokenization_utils_base.PreTrainedTokenizerBase.apply_chat_template).parameters)
+
+
+def _encodes_by_call(tokenizer) -> bool:
+  """Whether `apply_chat_template(tokenize=True)` and `tokenizer(text)` are transformers' own code, unchanged.
+
+  Then `apply_chat_template(m, tokenize=True)['input_ids']` is `tokenizer(render(m), add_special_tokens=False)`
+  (render, then encode the string), and `tokenizer(text)` encodes `[text]` with the backend's `encode_batch`
+  exactly as `tokenizer(texts)` encodes a list (transformers 5's `TokenizersBackend._encode_plus` turns one
+  text into a batch of one).
+  """
+  try:
+    from transformers import tokenization_utils_base  # pylint: disable=import-outside-toplevel
+    from transformers import tokenization_utils_tokenizers  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  base = tokenization_utils_base.PreTrainedTokenizerBase
+  backend_cls = tokenization_utils_tokenizers.TokenizersBackend
+  cls = type(tokenizer)
+  own_encode_plus = cls._encode_plus is backend_cls._encode_plus  # pylint: disable=protected-access
+  return (isinstance(tokenizer, backend_cls) and cls.apply_chat_template is base.apply_chat_template
+          and cls.__call__ is base.__call__ and own_encode_plus)
+
+
+def _encode_batch(tokenizer, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:
+  """`[tokenizer(t, add_special_tokens=...)['input_ids'] for t in texts]` in one call (needs `_encodes_by_call`).
+
+  `TokenizersBackend._encode_plus` sets the backend's truncation and padding (none, for a plain call) and
+  `encode_special_tokens` (= `split_special_tokens`), then calls `encode_batch`. When the backend is already so
+  set (it stays so after any plain call) and the tokenizer has no input/target modes, the backend is called
+  directly, with `encode_batch_fast`: the same ids without computing character offsets (about twice as fast
+  for byte-level BPE). Otherwise `tokenizer(texts)` sets them.
+  """
+  backend = tokenizer.backend_tokenizer
+  direct = (backend.truncation is None and backend.padding is None
+            and getattr(backend, 'encode_special_tokens', False) == bool(tokenizer.split_special_tokens)
+            and not hasattr(tokenizer, '_switch_to_input_mode'))
+  if direct:
+    encode = getattr(backend, 'encode_batch_fast', backend.encode_batch)
+    return [encoding.ids for encoding in encode(texts, add_special_tokens=add_special_tokens)]
+  return list(tokenizer(texts, add_special_tokens=add_special_tokens)['input_ids'])
 
 
 def _tokenize(row: dict, tokenizer, *, fmt: str, assistant_only_loss: bool, completion_only_loss: bool,

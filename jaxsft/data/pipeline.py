@@ -1,147 +1,226 @@
-"""Rows → tokenized examples → padded, shuffled, fixed-shape batches.
+"""Index → plan → per-process, step-aligned batches, tokenized lazily by grain, resumable.
 
-`tokenize_dataset` tokenizes every row as TRL's SFTTrainer does (`formats.tokenize_row`), truncates to
-`max_length` and drops the rows left without a loss token (counted, never trained on).
-`padded_batches` yields one epoch of `[batch_size, seq_len]` int32 batches in the shared batch layout
-(`input_ids`, `positions`, `segment_ids`, `loss_mask`), one example per row, right padding, the last
-partial batch filled with empty rows so shapes stay static. The order is a grain `MapDataset` shuffle,
-deterministic in (seed, epoch); packing will replace the per-row padding step later.
+1. `index.build_index` (once per dataset, cached) knows every row's length after truncation and whether a
+   loss token survives it; rows without one are dropped (counted), as TRL drops them.
+2. `make_plan` decides the rows of an epoch: with packing, best-fit-decreasing bins of whole conversations
+   (TRL's `bfd`, over the whole dataset); without, one conversation per row. Conversations are never split.
+3. `Geometry` turns the number of plan rows into optimizer steps with transformers' Trainer arithmetic.
+4. `StepSource` is a random-access grain source of optimizer steps: step s → its epoch e and place in the
+   epoch; the epoch's rows are a seeded permutation of the plan rows (a new one per epoch); each
+   micro-batch takes the next `G` rows (the global micro-batch) and process p keeps its own slice of them,
+   so every process reads only its shard and the shards of an epoch are disjoint and cover the dataset. The
+   rows are tokenized only then (a step's rows in one `formats.tokenize_rows` call), packed with segment ids
+   and per-segment positions (`packing.pack_row`), and every step carries the number of loss tokens of the
+   whole global step, known from the index on every process without communication.
+5. `Loader` iterates a StepSource through grain (`to_iter_dataset` with prefetch threads, or worker
+   processes with `dataloader_num_workers`); its state is the number of steps consumed, so a restored
+   iterator yields exactly the batches an uninterrupted one would, mid-epoch and with packing.
+
+Why not grain's own `BestFitPackIterDataset`: it packs a stream, so the number of packed rows — and with it
+the schedule length and the point where hosts' epochs end — is known only after the stream has been read.
+Packing a plan from the index gives exact step counts up front, identical batches on every launch and
+every host count, and whole-dataset best-fit packing (as TRL's `bfd`).
 """
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
 
 import grain
 import numpy as np
 
 from jaxsft.data import formats
+from jaxsft.data import index as index_lib
+from jaxsft.data import packing
 from jaxsft.errors import InputError
 
-BATCH_KEYS = ('input_ids', 'positions', 'segment_ids', 'loss_mask')
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """How the plan rows map onto optimizer steps (transformers' Trainer arithmetic)."""
+  micro_batch_size: int  # Rows per micro-batch, all processes.
+  accumulation: int
+  micro_batches_per_epoch: int
+  steps_per_epoch: int
+  total_steps: int
+
+  @classmethod
+  def create(cls, num_rows: int, micro_batch_size: int, accumulation: int, num_train_epochs: float,
+             max_steps: int) -> 'Geometry':
+    micro_batches = math.ceil(num_rows / micro_batch_size)
+    steps_per_epoch = max(math.ceil(micro_batches / accumulation), 1)
+    total = max_steps if max_steps > 0 else math.ceil(num_train_epochs * steps_per_epoch)
+    return cls(micro_batch_size, accumulation, micro_batches, steps_per_epoch, total)
 
 
-@dataclasses.dataclass
-class TokenizedData:
-  """The tokenized training examples and what happened to the rows on the way."""
-  examples: list[formats.Example]
-  num_rows: int  # Rows read.
-  num_dropped: int  # Rows without any loss token after truncation (not in `examples`).
-  num_truncated: int  # Rows cut to max_length (kept or dropped).
-  num_loss_tokens: int  # Next-token targets in `examples` (loss tokens after each example's first).
-  fmt: str | None = None  # 'messages' | 'prompt_completion' | 'text'.
-  assistant_mask_method: str | None = None  # 'generation_markers' | 'derived' with assistant_only_loss.
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The rows of an epoch (before its shuffle): which source rows fill each `[seq_len]` row."""
+  bins: packing.Bins  # Members are source row indices.
+  num_targets: np.ndarray  # int64 [rows]: next-token targets of each row.
+  num_tokens: np.ndarray  # int64 [rows]: non-padding tokens of each row.
+  seq_len: int
+  packed: bool
+
+  def __len__(self) -> int:
+    return len(self.bins)
+
+  @property
+  def efficiency(self) -> float:
+    """Non-padding fraction of the epoch's tokens (the last partial batch's empty rows not counted)."""
+    return float(self.num_tokens.sum()) / max(len(self) * self.seq_len, 1)
 
 
-def _columns(rows: Sequence[dict]) -> list[str]:
-  names = getattr(rows, 'column_names', None)  # A datasets.Dataset.
-  if names is not None:
-    return list(names)
-  first = rows[0]
-  return list(first) if isinstance(first, dict) else []
+def make_plan(index: index_lib.Index, *, seq_len: int, pack: bool) -> Plan:
+  kept = index.kept
+  lengths = index.lengths[kept].astype(np.int64)
+  bins = packing.pack_bfd(lengths, seq_len) if pack else packing.one_per_bin(len(kept))
+  members = kept[bins.members]
+  starts = bins.offsets[:-1]
+
+  def per_row(values):
+    return np.add.reduceat(values[members].astype(np.int64), starts) if len(members) else np.zeros(0, np.int64)
+
+  return Plan(packing.Bins(bins.offsets, members), per_row(index.num_targets), per_row(index.lengths), seq_len,
+              pack)
 
 
-def tokenize_dataset(rows: Sequence[dict], tokenizer, *, fmt: str | None = None, max_length: int | None,
-                     assistant_only_loss: bool, completion_only_loss: bool | None, dataset_text_field: str,
-                     origin: Callable[[int], str] | None = None) -> TokenizedData:
-  """Tokenizes every row; rows with no loss token after truncation are dropped and counted.
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
+  if not shuffle:
+    return np.arange(n)
+  return np.random.default_rng([seed, epoch]).permutation(n)
 
-  Args:
-    rows: the dataset rows (a list of dicts or a `datasets.Dataset`).
-    tokenizer: the Hugging Face tokenizer (chat template and eos as configured).
-    fmt: the row format; None detects it from the columns (`formats.detect_format`).
-    max_length: truncate to this many tokens (keep the start); None: no truncation.
-    assistant_only_loss, completion_only_loss, dataset_text_field: as in TRL's SFTConfig.
-    origin: maps a row index to where it came from ("data/train.jsonl line 17") for error messages.
 
-  Raises:
-    InputError: a bad row (naming it), or no row left with a loss token.
+class StepSource:
+  """Random access to this process's part of every optimizer step (a grain data source).
+
+  `source[s]` = {'micro_batches': [accumulation × {key: int32 [local_rows, seq_len]}], 'num_targets': loss
+  tokens of the whole global step, 'num_input_tokens': its non-padding tokens, 'epoch': e}. Steps past the end
+  of the plan within an epoch are filled
+  with empty rows (no loss tokens), so every step has the same shape.
   """
-  num_rows = len(rows)
-  if num_rows == 0:
-    raise InputError('the training dataset has no rows')
-  where = origin or (lambda i: f'row {i}')
-  if fmt is None:
-    fmt = formats.detect_format(_columns(rows), dataset_text_field)
-  method = None
-  if assistant_only_loss:
-    if fmt == formats.TEXT:
-      raise InputError("config field 'assistant_only_loss': needs conversational rows ('messages' or "
-                       f"'prompt'/'completion' message lists), but the dataset is plain text ({dataset_text_field!r})")
-    method = formats.assistant_mask_method(tokenizer)
-  examples, num_dropped, num_truncated, num_loss_tokens = [], 0, 0, 0
-  for i in range(num_rows):
-    example = formats.tokenize_row(rows[i], tokenizer, fmt=fmt, max_length=None,
-                                   assistant_only_loss=assistant_only_loss,
-                                   completion_only_loss=completion_only_loss,
-                                   dataset_text_field=dataset_text_field, where=where(i))
-    example, cut = formats.truncate(example, max_length)
-    num_truncated += cut
-    if not example.loss_mask.any():
-      num_dropped += 1
-      continue
-    examples.append(example)
-    num_loss_tokens += int(example.loss_mask[1:].sum())
-  if not examples:
-    raise InputError(f'all {num_rows} rows were dropped: none has a loss token left after truncation to '
-                     f"max_length={max_length} (config fields 'max_length', 'assistant_only_loss', "
-                     "'completion_only_loss')")
-  return TokenizedData(examples, num_rows, num_dropped, num_truncated, num_loss_tokens, fmt, method)
+
+  def __init__(self, source, tokenizer, options: index_lib.Options, plan: Plan, geometry: Geometry, *,
+               seed: int, shuffle: bool, pad_id: int, process_index: int = 0, process_count: int = 1):
+    if geometry.micro_batch_size % process_count:
+      raise ValueError(f'a micro-batch of {geometry.micro_batch_size} rows does not split over '
+                       f'{process_count} processes')
+    self.source, self.tokenizer, self.options, self.plan, self.geometry = source, tokenizer, options, plan, geometry
+    self.seed, self.shuffle, self.pad_id = seed, shuffle, pad_id
+    self.process_index, self.process_count = process_index, process_count
+    self.local_rows = geometry.micro_batch_size // process_count
+
+  def __len__(self) -> int:
+    return self.geometry.total_steps
+
+  def epoch_of(self, step: int) -> int:
+    return step // self.geometry.steps_per_epoch
+
+  def global_rows(self, step: int) -> list[np.ndarray]:
+    """Plan row indices of each micro-batch of `step`, all processes (fewer than G at an epoch's end)."""
+    g = self.geometry
+    epoch, within = divmod(step, g.steps_per_epoch)
+    order = _permutation(self.seed, epoch, len(self.plan), self.shuffle)
+    rows = []
+    for a in range(g.accumulation):
+      m = within * g.accumulation + a
+      rows.append(order[m * g.micro_batch_size:(m + 1) * g.micro_batch_size])
+    return rows
+
+  def __getitem__(self, step: int) -> dict:
+    if not 0 <= step < len(self):
+      raise IndexError(step)
+    micro_batches, num_targets, num_input_tokens = [], 0, 0
+    lo, hi = self.process_index * self.local_rows, (self.process_index + 1) * self.local_rows
+    global_rows = self.global_rows(step)
+    mine = [[int(r) for r in rows[lo:hi]] for rows in global_rows]
+    packed = iter(self._rows([r for rows in mine for r in rows]))  # The whole step's rows in one call.
+    for rows, my_rows in zip(global_rows, mine):
+      num_targets += int(self.plan.num_targets[rows].sum())
+      num_input_tokens += int(self.plan.num_tokens[rows].sum())
+      batch = [next(packed) for _ in my_rows]
+      batch += [packing.empty_row(self.plan.seq_len, self.pad_id)] * (self.local_rows - len(my_rows))
+      micro_batches.append({key: np.stack([row[key] for row in batch]) for key in packing.BATCH_KEYS})
+    return {'micro_batches': micro_batches, 'num_targets': num_targets, 'num_input_tokens': num_input_tokens,
+            'epoch': self.epoch_of(step)}
+
+  def _rows(self, plan_rows: list[int]) -> list[dict[str, np.ndarray]]:
+    """The packed rows of these plan rows; all their conversations are tokenized in one batched call.
+
+    Raises the InputError that tokenizing the conversations one by one, in order, would raise first (a row
+    that no longer reads or tokenizes: the data changed since the index was built).
+    """
+    members = [[int(i) for i in self.plan.bins.bin(r)] for r in plan_rows]
+    indices = [i for bin_members in members for i in bin_members]
+    rows, read_error = [], None
+    for i in indices:
+      try:
+        rows.append(self.source[i])
+      except InputError as e:
+        read_error = e
+        break
+    options = self.options
+    examples = formats.tokenize_rows(rows, self.tokenizer, fmt=options.fmt, max_length=options.max_length,
+                                     assistant_only_loss=options.assistant_only_loss,
+                                     completion_only_loss=options.completion_only_loss,
+                                     dataset_text_field=options.dataset_text_field,
+                                     wheres=[self.source.origin(i) for i in indices[:len(rows)]])
+    for example in examples:
+      if isinstance(example, InputError):
+        raise example
+    if read_error is not None:
+      raise read_error
+    packed, start = [], 0
+    for plan_row, bin_members in zip(plan_rows, members):
+      row = packing.pack_row(examples[start:start + len(bin_members)], self.plan.seq_len, self.pad_id)
+      start += len(bin_members)
+      tokens = int((row['segment_ids'] > 0).sum())
+      if tokens != self.plan.num_tokens[plan_row]:
+        raise RuntimeError(f'{self.source.name}: rows {bin_members} tokenize to {tokens} tokens, the index says '
+                           f'{self.plan.num_tokens[plan_row]}: the data or tokenizer changed since the index was '
+                           'built (delete the cache)')
+      packed.append(row)
+    return packed
 
 
-def num_batches(num_examples: int, batch_size: int) -> int:
-  """Batches per epoch: the last partial batch counts (it is filled with empty rows)."""
-  return math.ceil(num_examples / batch_size)
+class Loader:
+  """Iterates a StepSource with grain, from step `start` on.
 
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-  return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-def _padded_row(example: formats.Example, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-  length = len(example.input_ids)
-  if length > seq_len:
-    raise ValueError(f'an example of {length} tokens does not fit seq_len={seq_len}; truncate first')
-  row = empty_row(seq_len, pad_id)
-  row['input_ids'][:length] = example.input_ids
-  row['positions'][:length] = np.arange(length, dtype=np.int32)
-  row['segment_ids'][:length] = 1
-  row['loss_mask'][:length] = example.loss_mask
-  return row
-
-
-def empty_row(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-  """A row of padding only: pad ids, segment 0, loss mask 0, positions 0."""
-  row = {key: np.zeros(seq_len, np.int32) for key in BATCH_KEYS}
-  row['input_ids'][:] = pad_id
-  return row
-
-
-def empty_batch(batch_size: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-  """`batch_size` empty rows: fills a partial batch, or a partial accumulation step (no loss tokens)."""
-  return {key: np.tile(value, (batch_size, 1)) for key, value in empty_row(seq_len, pad_id).items()}
-
-
-def padded_batches(examples: Sequence[formats.Example], *, batch_size: int, seq_len: int, pad_id: int,
-                   seed: int, epoch: int, shuffle: bool = True) -> Iterator[dict[str, np.ndarray]]:
-  """One epoch of right-padded `[batch_size, seq_len]` int32 batches, deterministic given (seed, epoch).
-
-  Every example is one row (segment 1, positions 0..L-1). The last partial batch is completed with
-  empty rows, so there are `num_batches(len(examples), batch_size)` batches of identical shape.
+  The state is the number of steps consumed, `{'step': n}`: restoring it reopens the source at step n, so a
+  restored loader yields exactly the steps an uninterrupted one would, whatever the thread or worker count.
   """
-  if batch_size < 1 or seq_len < 1:
-    raise ValueError(f'batch_size and seq_len must be positive, got {batch_size} and {seq_len}')
-  if not examples:
-    return
-  dataset = grain.MapDataset.source(examples)
-  if shuffle:
-    dataset = dataset.shuffle(seed=_epoch_seed(seed, epoch))
-  dataset = dataset.map(lambda example: _padded_row(example, seq_len, pad_id))
-  dataset = dataset.batch(batch_size, drop_remainder=False)
-  for i in range(len(dataset)):
-    batch = dataset[i]
-    missing = batch_size - len(batch['input_ids'])
-    if missing:
-      filler = empty_batch(missing, seq_len, pad_id)
-      batch = {key: np.concatenate([value, filler[key]]) for key, value in batch.items()}
-    yield {key: np.ascontiguousarray(batch[key], dtype=np.int32) for key in BATCH_KEYS}
+
+  def __init__(self, step_source: StepSource, *, start: int = 0, num_threads: int = 2, prefetch: int = 4,
+               num_workers: int = 0):
+    self.step_source = step_source
+    self._settings = dict(num_threads=num_threads, prefetch=prefetch, num_workers=num_workers)
+    self._open(start)
+
+  def _open(self, start: int) -> None:
+    if not 0 <= start <= len(self.step_source):
+      raise ValueError(f'cannot start at step {start} of {len(self.step_source)}')
+    dataset = grain.MapDataset.source(self.step_source)[start:].to_iter_dataset(
+        grain.ReadOptions(num_threads=self._settings['num_threads'],
+                          prefetch_buffer_size=self._settings['prefetch']))
+    if self._settings['num_workers'] > 0:
+      from absl import flags  # pylint: disable=import-outside-toplevel
+      if not flags.FLAGS.is_parsed():  # grain's workers read absl flags: outside absl.app.run, use defaults.
+        flags.FLAGS.mark_as_parsed()
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._settings['num_workers']))
+    self._iterator = iter(dataset)
+    self._next = start
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    element = next(self._iterator)
+    self._next += 1
+    return element
+
+  def get_state(self) -> dict:
+    return {'step': self._next}
+
+  def set_state(self, state: dict) -> None:
+    self._open(int(state['step']))

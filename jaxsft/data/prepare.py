@@ -1,0 +1,106 @@
+"""Config → the train (and eval) data of a run: splits, index, plan, geometry, step sources, with a log line each.
+
+Everything here reads only the data and the tokenizer, never the devices, so every data error surfaces
+before any compilation.
+"""
+
+import dataclasses
+import os
+
+from ml_collections import config_dict
+
+from jaxsft import config as config_lib
+from jaxsft.data import formats
+from jaxsft.data import index as index_lib
+from jaxsft.data import pipeline
+from jaxsft.data import sources
+from jaxsft.errors import InputError
+
+
+@dataclasses.dataclass
+class Split:
+  """One split, ready to iterate."""
+  name: str
+  index: index_lib.Index
+  plan: pipeline.Plan
+  geometry: pipeline.Geometry
+  steps: pipeline.StepSource
+
+
+@dataclasses.dataclass
+class Data:
+  train: Split
+  eval: Split | None
+  options: index_lib.Options
+  assistant_mask_method: str | None
+
+
+def _options(config: config_dict.ConfigDict, source, tokenizer) -> tuple[index_lib.Options, str | None]:
+  fmt = formats.detect_format(source.column_names(), config.dataset_text_field)
+  method = None
+  if config.assistant_only_loss:
+    if fmt == formats.TEXT:
+      raise InputError("config field 'assistant_only_loss': needs conversational rows ('messages' or "
+                       f"'prompt'/'completion' message lists), but {source.name} is plain text "
+                       f'({config.dataset_text_field!r})')
+    method = formats.assistant_mask_method(tokenizer)
+  options = index_lib.Options(fmt=fmt, max_length=config.max_length, assistant_only_loss=config.assistant_only_loss,
+                              completion_only_loss=config.completion_only_loss,
+                              dataset_text_field=config.dataset_text_field)
+  return options, method
+
+
+def _index(config, source, tokenizer, options, process_index, process_count, log) -> index_lib.Index:
+  return index_lib.build_index(source, tokenizer, options, skip_bad_rows=config.skip_bad_rows,
+                               num_workers=config.dataset_num_proc or os.cpu_count() or 1,
+                               cache_dir=os.path.join(config_lib.cache_dir(config), 'index'),
+                               process_index=process_index, process_count=process_count, log=log)
+
+
+def _describe(name: str, index: index_lib.Index, plan: pipeline.Plan, max_length: int) -> str:
+  text = (f'{len(index)} rows from {name}; {len(index.kept)} kept, {index.num_dropped} dropped (no loss token '
+          f'after truncation to max_length={max_length}), {index.num_truncated} truncated')
+  if index.num_bad:
+    text += f', {index.num_bad} bad rows skipped'
+  text += f'; {int(plan.num_targets.sum())} loss tokens'
+  if plan.packed:
+    text += (f'; packed into {len(plan)} rows of {plan.seq_len} tokens, packing efficiency '
+             f'{plan.efficiency:.1%} (non-padding tokens)')
+  else:
+    text += f'; one conversation per row, padding efficiency {plan.efficiency:.1%}'
+  return text
+
+
+def prepare(config: config_dict.ConfigDict, tokenizer, *, micro_batch_size: int, eval_batch_size: int,
+            process_index: int, process_count: int, log) -> Data:
+  """The train split (and the eval split when `config.eval_strategy` != 'no') of `config`."""
+  need_eval = config.eval_strategy != 'no'
+  splits = sources.load_splits(dataset_name=config.dataset_name, dataset_config=config.dataset_config,
+                               dataset_train_split=config.dataset_train_split,
+                               dataset_test_split=config.dataset_test_split,
+                               dataset_mixture=config.dataset_mixture, need_eval=need_eval)
+  options, method = _options(config, splits.train, tokenizer)
+  pad_id = tokenizer.pad_token_id
+
+  index = _index(config, splits.train, tokenizer, options, process_index, process_count, log)
+  plan = pipeline.make_plan(index, seq_len=config.max_length, pack=config.packing)
+  geometry = pipeline.Geometry.create(len(plan), micro_batch_size, config.gradient_accumulation_steps,
+                                      config.num_train_epochs, config.max_steps)
+  steps = pipeline.StepSource(splits.train, tokenizer, options, plan, geometry, seed=config.seed, shuffle=True,
+                              pad_id=pad_id, process_index=process_index, process_count=process_count)
+  log(f'data: {_describe(splits.train_name, index, plan, config.max_length)}; format {options.fmt}'
+      + (f', assistant mask from {method}' if method else ''))
+  train = Split(splits.train_name, index, plan, geometry, steps)
+
+  evaluation = None
+  if need_eval:
+    eval_options, _ = _options(config, splits.eval, tokenizer)
+    eval_index = _index(config, splits.eval, tokenizer, eval_options, process_index, process_count, log)
+    eval_plan = pipeline.make_plan(eval_index, seq_len=config.max_length, pack=config.packing)
+    eval_geometry = pipeline.Geometry.create(len(eval_plan), eval_batch_size, 1, 1.0, -1)
+    eval_steps = pipeline.StepSource(splits.eval, tokenizer, eval_options, eval_plan, eval_geometry,
+                                     seed=config.seed, shuffle=False, pad_id=pad_id, process_index=process_index,
+                                     process_count=process_count)
+    log(f'eval data: {_describe(splits.eval_name, eval_index, eval_plan, config.max_length)}')
+    evaluation = Split(splits.eval_name, eval_index, eval_plan, eval_geometry, eval_steps)
+  return Data(train, evaluation, options, method)
