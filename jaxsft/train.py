@@ -3,6 +3,9 @@
 Bad input (an unknown or mistyped config field, a missing config file, a missing path, a malformed
 dataset row) ends the run with one `error: ...` line on stderr and exit status 2, before any
 compilation.
+
+A multi-process run (TPU pod, SLURM job, or the JAXSFT_COORDINATOR_ADDRESS / JAXSFT_NUM_PROCESSES /
+JAXSFT_PROCESS_ID variables) joins its jax.distributed cluster first (jaxsft/distributed.py).
 """
 
 import os
@@ -69,6 +72,11 @@ def main(argv):
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
   config = load_config()
+  from jaxsft import distributed  # pylint: disable=import-outside-toplevel
+  try:
+    distributed.initialize()  # Before anything touches jax devices.
+  except InputError as e:
+    fail(str(e))
   from jaxsft import trainer  # Imported here so `--help` and config errors stay fast.
   try:
     trainer.run(config)

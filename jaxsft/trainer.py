@@ -92,13 +92,22 @@ def write_resolved_config(config: config_dict.ConfigDict, output_dir: str, extra
 class TrainStep:
   """The jitted micro-step: forward, chunked masked cross-entropy, gradients, optax update."""
 
-  def __init__(self, graphdef, rest, tx: optax.GradientTransformation, loss_chunk_size: int):
+  def __init__(self, graphdef, rest, tx: optax.GradientTransformation, loss_chunk_size: int, *,
+               state_shardings=None):
     self.graphdef = graphdef
     self.rest = rest  # Non-trainable variables (none today), kept out of the optimizer.
     self.tx = tx
     self.loss_chunk_size = loss_chunk_size
-    self.step = jax.jit(self._step, donate_argnums=(0,))
+    # With shardings: the new state keeps the partitioning of the old one (and its buffers, donated).
+    out = None if state_shardings is None else (state_shardings, None)
+    self.step = jax.jit(self._step, donate_argnums=(0,), out_shardings=out)
     self.eval_step = jax.jit(self.loss_sums)
+
+  def compile(self, state, batch, inv_step_tokens) -> None:
+    """Compiles the step for these shapes, logs its memory per device, and uses the executable from now on."""
+    compiled = self.step.lower(state, batch, inv_step_tokens).compile()
+    log('compiled train step, memory per device: ' + memory_report(compiled))
+    self.step = compiled
 
   def loss_sums(self, params, batch):
     model = nnx.merge(self.graphdef, params, self.rest)
@@ -125,10 +134,56 @@ class TrainStep:
     return {'params': params, 'opt_state': opt_state}, sums
 
 
-def build_model(config, model_dir: str, model_cfg: transformer.ModelConfig):
+def build_model(config, model_dir: str, model_cfg: transformer.ModelConfig, shardings=None):
+  """The model, its parameters created directly in their shards when `shardings` is given."""
   if config.model_init == 'random':
-    return hf.init_random(model_cfg, config.seed)
-  return hf.load_pretrained(model_dir, model_cfg)
+    return hf.init_random(model_cfg, config.seed, shardings=shardings)
+  return hf.load_pretrained(model_dir, model_cfg, shardings=shardings)
+
+
+def state_shardings(model_cfg: transformer.ModelConfig, tx: optax.GradientTransformation, mesh, *, warn=None):
+  """(graphdef, abstract params, shardings of {'params', 'opt_state'}) from the rules, without any weights.
+
+  The optimizer state's parameter-shaped leaves (MultiSteps' accumulated gradients, Adam's moments) take
+  their parameter's sharding: ZeRO-3 partitions them exactly as the parameters; counters are replicated.
+  """
+  graphdef, abstract_params, _ = nnx.split(hf.abstract_model(model_cfg), nnx.Param, ...)
+  param_shardings = sharding.param_shardings(abstract_params, mesh, warn=warn)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                        transform_non_params=lambda _: sharding.replicated(mesh),
+                                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return graphdef, abstract_params, {'params': param_shardings, 'opt_state': opt_shardings}
+
+
+def init_state(config, model_dir: str, model_cfg: transformer.ModelConfig, tx, mesh):
+  """Parameters and optimizer state, partitioned over the mesh by the rules; logs the bytes per device."""
+  graphdef, _, shardings = state_shardings(model_cfg, tx, mesh, warn=log)
+  # Each process reads (or draws) only the slices its devices hold: the model is never whole on a host.
+  model = build_model(config, model_dir, model_cfg, shardings['params'])
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  del model
+  opt_state = jax.jit(tx.init, out_shardings=shardings['opt_state'])(params)
+  log(f"memory per device: parameters {_gib(sharding.bytes_per_device(params))}, optimizer state "
+      f"{_gib(sharding.bytes_per_device(opt_state))} (mesh {dict(mesh.shape)})")
+  return {'params': params, 'opt_state': opt_state}, shardings, graphdef, rest
+
+
+def memory_report(compiled) -> str:
+  """Arguments, outputs and temporaries of a compiled executable, from XLA's memory analysis."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (some backends have none)
+    m = None
+  if m is None:
+    return 'not available on this backend'
+  return (f'arguments {_gib(m.argument_size_in_bytes)}, outputs {_gib(m.output_size_in_bytes)} '
+          f'({_gib(m.alias_size_in_bytes)} of them reuse donated arguments), temporaries '
+          f'{_gib(m.temp_size_in_bytes)}, code {_gib(m.generated_code_size_in_bytes)}')
+
+
+def _gib(n: int) -> str:
+  return f'{n / 2**30:.3f} GiB' if n >= 2**27 else f'{n / 2**20:.2f} MiB'
 
 
 def run(config: config_dict.ConfigDict) -> dict[str, Any]:
@@ -174,20 +229,15 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
 
   # Parameters carry logical axis names; until the logical → mesh rules exist (sharding issue) the model
   # is built off-mesh and replicated explicitly.
-  model = build_model(config, model_dir, model_cfg)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  del model
+  state, shardings, graphdef, rest = init_state(config, model_dir, model_cfg, tx, mesh)
   with jax.set_mesh(mesh):
-    params = jax.device_put(params, sharding.replicated(mesh))
-    opt_state = jax.jit(tx.init)(params)
-    num_params = sum(x.size for x in jax.tree.leaves(params))
+    num_params = sum(x.size for x in jax.tree.leaves(state['params']))
     log(f'model: {hf_cfg.get("model_type")} with {num_params / 1e6:.2f}M parameters '
         f'({"random init" if config.model_init == "random" else "from " + model_dir}), '
         f'compute {model_cfg.dtype}, remat {model_cfg.remat}')
-    state = {'params': params, 'opt_state': opt_state}
-    step_fn = TrainStep(graphdef, rest, tx, config.model.loss_chunk_size)
+    step_fn = TrainStep(graphdef, rest, tx, config.model.loss_chunk_size, state_shardings=shardings)
     state, last_row = _train_loop(config, mesh, step_fn, state, data, schedule, model_cfg)
-    model = nnx.merge(graphdef, state['params'], rest)
+    model = nnx.merge(graphdef, sharding.gather_to_host(state['params']), rest)
     export_dir = export_hf(model, hf_cfg, tokenizer, model_dir, config.output_dir,
                            dtype='bfloat16' if config.bf16 else 'float32')
     log(f'exported the Hugging Face model to {export_dir}')
@@ -215,7 +265,10 @@ def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, sch
       inv = jnp.float32(1.0 / max(step_tokens, 1))
       step_sums = []
       for batch in element['micro_batches']:
-        state, sums = step_fn.step(state, sharding.global_batch(mesh, batch), inv)
+        global_batch = sharding.global_batch(mesh, batch)
+        if step == 0 and not step_sums:
+          step_fn.compile(state, global_batch, inv)
+        state, sums = step_fn.step(state, global_batch, inv)
         step_sums.append(sums)
       step += 1
       num_tokens_total += step_tokens

@@ -347,3 +347,97 @@ def test_save_replaces_earlier_weights_and_leaves_no_temporary_files(tiny_hf, tm
   reloaded = hf.to_hf_tensors(_ours(tmp_path))
   for key, value in hf.to_hf_tensors(ours).items():
     np.testing.assert_array_equal(reloaded[key], value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sharded loading: block reads (the multi-device checks are in tests/test_sharded_load.py).
+
+
+def _random_ranges(rng, shape):
+  ranges = []
+  for n in shape:
+    a = int(rng.randint(0, n))
+    ranges.append((a, int(rng.randint(a + 1, n + 1))))
+  return ranges
+
+
+@pytest.mark.parametrize('dtype', [np.float32, ml_dtypes.bfloat16])
+def test_read_slice_reads_exactly_the_block(tmp_path, monkeypatch, dtype):
+  from jaxsft.models import safetensors_io  # pylint: disable=import-outside-toplevel
+  rng = np.random.RandomState(0)
+  tensors = {'a': rng.normal(size=(37, 11)).astype(dtype), 'b': rng.normal(size=(5, 6, 7)).astype(dtype),
+             'c': rng.normal(size=(13,)).astype(dtype)}
+  safetensors_io.write_file(tmp_path / hf.SINGLE_FILE, tensors)
+  reader = safetensors_io.open_checkpoint(tmp_path)
+  monkeypatch.setattr(safetensors_io, 'CHUNK_BYTES', 3 * 11 * 4)  # Several chunks, the last one partial.
+  for name, value in tensors.items():
+    cases = [[(0, n) for n in value.shape], [(1, value.shape[0] - 1)] + [(0, n) for n in value.shape[1:]]]
+    cases += [_random_ranges(rng, value.shape) for _ in range(20)]
+    for ranges in cases:
+      got = reader.read_slice(name, ranges)
+      want = value[tuple(slice(a, b) for a, b in ranges)]
+      assert got.dtype == value.dtype and got.flags.c_contiguous
+      np.testing.assert_array_equal(got, want, err_msg=f'{name} {ranges}')
+  with pytest.raises(ValueError, match='outside tensor'):
+    reader.read_slice('a', [(0, 38), (0, 11)])
+
+
+@pytest.mark.parametrize('name', ['qwen2', 'llama3', 'llama_tied'])
+def test_read_block_equals_the_converted_tensor_sliced(tiny_hf, name):
+  """Every parameter's block, mapped through the HF layout (transpose, head split), equals today's conversion."""
+  path = tiny_hf.save(tiny_hf.model(name))
+  cfg = hf.model_config_from_hf(hf.read_hf_config(path), param_dtype='bfloat16')
+  reader = hf.safetensors_io.open_checkpoint(path)
+  rng = np.random.RandomState(1)
+  count = 0
+  for param_path, variable in nnx.to_flat_state(nnx.state(hf.abstract_model(cfg), nnx.Param)):
+    tensor_name = hf._hf_name(param_path)  # pylint: disable=protected-access
+    shape = tuple(variable.shape)
+    whole = hf._from_hf(param_path, reader.get(tensor_name), shape)  # pylint: disable=protected-access
+    for _ in range(4):
+      ranges = _random_ranges(rng, shape)
+      index = tuple(slice(a, b) for a, b in ranges)
+      got = hf.read_block(reader, tensor_name, param_path, shape, index, np.dtype(variable.dtype))
+      assert got.dtype == ml_dtypes.bfloat16 and got.shape == tuple(b - a for a, b in ranges)
+      np.testing.assert_array_equal(got, whole[index].astype(ml_dtypes.bfloat16), err_msg=str(param_path))
+      count += 1
+  assert count >= 4 * 12
+
+
+def _mesh_1():
+  return jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ('data', 'fsdp', 'tensor'),
+                           axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def test_sharded_load_on_one_device_equals_plain_load_and_checks_the_shardings_tree(tiny_hf):
+  path = tiny_hf.save(tiny_hf.model('qwen2'))
+  cfg = hf.model_config_from_hf(hf.read_hf_config(path))
+  mesh = _mesh_1()
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('fsdp'))
+  params = nnx.state(hf.abstract_model(cfg), nnx.Param)
+  shardings = jax.tree.map(lambda _: sharding, params)
+  with jax.set_mesh(mesh):  # The abstract model must build under a global mesh too.
+    model = hf.load_pretrained(path, cfg, shardings=shardings)
+  plain = dict(nnx.to_flat_state(nnx.state(_ours(path), nnx.Param)))
+  for param_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    assert variable.get_value().sharding == sharding
+    np.testing.assert_array_equal(np.asarray(variable.get_value()), np.asarray(plain[param_path].get_value()))
+  del shardings['norm']
+  with pytest.raises(ValueError, match=r"missing \['norm.scale'\]"):
+    hf.load_pretrained(path, cfg, shardings=shardings)
+  with pytest.raises(ValueError, match=r"missing \['norm.scale'\]"):
+    hf.init_random(cfg, 0, shardings=shardings)
+
+
+def test_sharded_load_still_validates_the_checkpoint(tiny_hf, tmp_path):
+  from jaxsft.models import safetensors_io  # pylint: disable=import-outside-toplevel
+  source = tiny_hf.save(tiny_hf.model('qwen2'))
+  tensors = _st_tensors(source)
+  tensors = {k: v.numpy() for k, v in tensors.items() if k != 'model.norm.weight'}
+  safetensors_io.write_file(tmp_path / hf.SINGLE_FILE, tensors)
+  (tmp_path / 'config.json').write_text((source / 'config.json').read_text())
+  cfg = hf.model_config_from_hf(hf.read_hf_config(tmp_path))
+  sharding = jax.sharding.NamedSharding(_mesh_1(), jax.sharding.PartitionSpec())
+  shardings = jax.tree.map(lambda _: sharding, nnx.state(hf.abstract_model(cfg), nnx.Param))
+  with pytest.raises(InputError, match="'model.norm.weight' is missing"):
+    hf.load_pretrained(tmp_path, cfg, shardings=shardings)

@@ -116,3 +116,8 @@ def test_global_batches_equal_the_one_process_batches(two_process_run):
 def test_restored_loader_continues_exactly_on_each_process(two_process_run):
   _, results = two_process_run
   assert all(r['resume_ok'] for r in results)
+
+
+def test_a_cache_on_one_host_only_does_not_split_the_processes(two_process_run):
+  _, results = two_process_run
+  assert all(r['cache_ok'] for r in results)

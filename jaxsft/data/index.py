@@ -200,6 +200,12 @@ def _allgather_strided(local: np.ndarray, n: int, process_index: int, process_co
   return whole
 
 
+def _everywhere(flag: bool) -> bool:
+  """Whether `flag` holds on every process (one tiny all-gather)."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.all(np.asarray(multihost_utils.process_allgather(np.int32(flag)))))
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
   """What of the tokenizer decides the token ids and loss masks: vocabulary, template, special tokens."""
   h = hashlib.sha256()
@@ -253,6 +259,8 @@ def build_index(source, tokenizer, options: Options, *, skip_bad_rows: bool, num
   n = len(source)
   path = os.path.join(cache_dir, f'index-{cache_key(source, tokenizer, options)}.npz') if cache_dir else None
   index = _load_cached(path, n) if path and os.path.exists(path) else None
+  if process_count > 1 and not _everywhere(index is not None):
+    index = None  # Some host has no cached copy: all build it together (the pass is collective).
   if index is not None:
     if log:
       log(f'data: index of {source.name} read from the cache {path}')

@@ -3,7 +3,10 @@
 No torch: safetensors files are read and written here directly (an 8-byte header length, a JSON header,
 then the raw little-endian tensors), memory-mapped on read, with bfloat16 through `ml_dtypes`, so every
 safetensors version and every dtype behaves the same. Loading builds the module abstractly
-(`nnx.eval_shape`) and fills its leaves tensor by tensor, so the model is materialised once.
+(`nnx.eval_shape`) and fills its leaves tensor by tensor, so the model is materialised once. Given
+shardings, each parameter is instead assembled from per-device blocks that are read straight from the file
+(`read_block`: our block mapped through the transpose/reshape to the HF tensor's block), so a process reads
+and holds only its own shards.
 
 Layouts: HF `nn.Linear.weight` is [out, in]; our kernels are [in..., out...] with heads split out
 (q_proj [embed, q_heads, head_dim], o_proj [q_heads, head_dim, embed]), so conversion is a transpose and a
@@ -15,6 +18,7 @@ the older top-level `rope_theta`/`rope_scaling`, Qwen2/Qwen3 `layer_types`/`use_
 `max_window_layers`, Mistral's `sliding_window` on every layer).
 """
 
+import collections
 import json
 import math
 import os
@@ -287,45 +291,192 @@ def _from_hf(path: tuple, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndar
 # Models.
 
 
-def init_random(cfg: ModelConfig, seed: int) -> Transformer:
-  """A freshly initialised model (transformers' init: normal(0.02) weights, zero biases, unit norms)."""
-  return Transformer(cfg, rngs=nnx.Rngs(seed))
+def abstract_model(cfg: ModelConfig) -> Transformer:
+  """`cfg`'s model with `jax.ShapeDtypeStruct` leaves (nothing allocated); its params carry logical axis names.
+
+  `jax.eval_shape` of the split state rather than `nnx.eval_shape`: under a global mesh (`jax.set_mesh`) the
+  latter turns the logical names into mesh axes, which they are not.
+  """
+  graphdef = None
+
+  def state():
+    nonlocal graphdef
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    return params
+
+  abstract_state = jax.eval_shape(state)
+  return nnx.merge(graphdef, abstract_state)
 
 
-def load_pretrained(model_dir, cfg: ModelConfig) -> Transformer:
+def _key(entry) -> Any:
+  for attr in ('key', 'idx', 'name'):
+    if hasattr(entry, attr):
+      return getattr(entry, attr)
+  return str(entry)
+
+
+def _flat_shardings(params: nnx.State, shardings) -> dict[tuple, jax.sharding.Sharding]:
+  """`shardings` (a pytree shaped like `params`, Sharding leaves) as {parameter path: sharding}.
+
+  Raises:
+    ValueError: a parameter without a sharding, or a sharding for no parameter.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]
+  out = {}
+  for key_path, leaf in leaves:
+    path = tuple(_key(k) for k in key_path)
+    if path and path[-1] == 'value':  # nnx.Variable nodes flatten through their `value`.
+      path = path[:-1]
+    if not isinstance(leaf, jax.sharding.Sharding):
+      raise ValueError(f'shardings: {".".join(map(str, path))} is a {type(leaf).__name__}, not a jax Sharding')
+    out[path] = leaf
+  wanted = {path for path, _ in nnx.to_flat_state(params)}
+  missing = sorted('.'.join(map(str, p)) for p in wanted - set(out))
+  extra = sorted('.'.join(map(str, p)) for p in set(out) - wanted)
+  if missing or extra:
+    raise ValueError(f'shardings do not match the model parameters: missing {missing[:5]}, unknown {extra[:5]}')
+  return out
+
+
+def init_random(cfg: ModelConfig, seed: int, *, shardings=None) -> Transformer:
+  """A freshly initialised model (transformers' init: normal(0.02) weights, zero biases, unit norms).
+
+  Args:
+    cfg: the architecture.
+    seed: the init seed; the same seed gives the same values with or without `shardings`.
+    shardings: None (arrays on the default device), or a pytree like `nnx.state(abstract_model(cfg),
+      nnx.Param)` of Sharding leaves: each device computes only its shards (`jax.jit` with these output
+      shardings), so the whole model never exists on one device.
+
+  The init always runs under `jax.jit` (XLA's fused random-normal differs from eager op-by-op in the last
+  bit), so sharded and unsharded inits of one seed are bit-identical.
+  """
+  abstract = abstract_model(cfg)
+  graphdef, state = nnx.split(abstract)
+  flat = nnx.to_flat_state(state)
+  if shardings is None:
+    out_shardings = None
+  else:
+    by_path = _flat_shardings(nnx.state(abstract, nnx.Param), shardings)
+    if len(flat) != len(by_path):
+      raise ValueError('init_random with shardings needs a model whose state is parameters only')
+    out_shardings = [by_path[path] for path, _ in flat]
+
+  def init():
+    model = Transformer(cfg, rngs=nnx.Rngs(seed))
+    return [variable.get_value() for _, variable in nnx.to_flat_state(nnx.state(model))]
+
+  values = jax.jit(init, out_shardings=out_shardings)()
+  leaves = [(path, variable.replace(value=value)) for (path, variable), value in zip(flat, values)]
+  return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def _hf_groups(path: tuple, ndim: int) -> list[list[int]]:
+  """Our axes behind each HF tensor axis, in HF order: a kernel's HF [out, in] flattens our out and in axes."""
+  if path[-1] == 'kernel':
+    n_in = _num_in_axes(path)
+    return [list(range(n_in, ndim)), list(range(n_in))]
+  if path[-1] == 'bias':
+    return [list(range(ndim))]
+  return [[a] for a in range(ndim)]
+
+
+def read_block(reader: safetensors_io.Reader, name: str, path: tuple, shape: tuple[int, ...], index: tuple,
+               dtype) -> np.ndarray:
+  """`_from_hf(path, tensor, shape)[index]` cast to `dtype`, reading only that block's slice of the HF tensor.
+
+  Each HF axis flattens a group of our axes (row-major); the read covers the group's first axis's range with
+  the group's other axes whole, which are then sliced here (a transient over-read only when an inner axis,
+  e.g. head_dim, is itself split).
+  """
+  ranges = [sl.indices(n)[:2] if isinstance(sl, slice) else (int(sl), int(sl) + 1) for sl, n in
+            zip(tuple(index) + (slice(None),) * (len(shape) - len(index)), shape)]
+  groups = _hf_groups(path, len(shape))
+  hf_ranges, expanded = [], []
+  for group in groups:
+    stride = math.prod(shape[a] for a in group[1:])
+    (a0, a1) = ranges[group[0]]
+    hf_ranges.append((a0 * stride, a1 * stride))
+    expanded += [a1 - a0] + [shape[a] for a in group[1:]]
+  block = reader.read_slice(name, hf_ranges).reshape(expanded)
+  order = [a for group in groups for a in group]
+  block = block.transpose([order.index(a) for a in range(len(shape))])
+  firsts = {group[0] for group in groups}
+  block = block[tuple(slice(None) if a in firsts else slice(*ranges[a]) for a in range(len(shape)))]
+  return np.ascontiguousarray(block, dtype=dtype)
+
+
+def _sharded_value(reader: safetensors_io.Reader, name: str, path: tuple, variable, sharding) -> jax.Array:
+  """The parameter as a global array with `sharding`, each local device's block read from the file alone."""
+  shape = tuple(variable.shape)
+  dtype = np.dtype(variable.dtype)
+
+  def key(index):
+    return tuple(sl.indices(n) if isinstance(sl, slice) else sl for sl, n in zip(index, shape))
+
+  # Devices holding the same block (replicas) share one read; a block is dropped after its last device.
+  uses = collections.Counter(key(index) for device, index in sharding.devices_indices_map(shape).items()
+                             if device.process_index == jax.process_index())
+  blocks = {}
+
+  def callback(index):
+    k = key(index)
+    if k not in blocks:
+      blocks[k] = read_block(reader, name, path, shape, index, dtype)
+    uses[k] -= 1
+    return blocks.pop(k) if uses[k] <= 0 else blocks[k]
+
+  return jax.make_array_from_callback(shape, sharding, callback)
+
+
+def load_pretrained(model_dir, cfg: ModelConfig, *, shardings=None) -> Transformer:
   """Loads the safetensors weights of `model_dir` (single file or sharded with an index) into `cfg`'s model.
+
+  Args:
+    model_dir: a local Hugging Face model directory.
+    cfg: the architecture (from `model_config_from_hf`); parameters are cast to `cfg.param_dtype`.
+    shardings: None (each parameter whole on the default device), or a pytree like
+      `nnx.state(abstract_model(cfg), nnx.Param)` whose leaves are jax Shardings: every parameter is built
+      with `jax.make_array_from_callback`, each of this process's devices reading only its block of the
+      file, so neither the host nor any device ever holds a whole parameter it does not own.
 
   Raises:
     InputError: a tensor missing, wrongly shaped, or not part of the architecture, naming tensor and file.
   """
   model_dir = pathlib.Path(model_dir)
   reader = safetensors_io.open_checkpoint(model_dir)
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  abstract = abstract_model(cfg)
+  by_path = None if shardings is None else _flat_shardings(nnx.state(abstract, nnx.Param), shardings)
   graphdef, state = nnx.split(abstract)
-  leaves = []
+  flat = nnx.to_flat_state(state)
   expected = set()
-  for path, variable in nnx.to_flat_state(state):
+  for path, variable in flat:  # Check every name and shape before reading any data.
     name = _hf_name(path)
     expected.add(name)
     if name not in reader:
       files = ', '.join(sorted({reader.file_of(n).name for n in reader.names()})) or model_dir.name
       raise InputError(f'{model_dir}: tensor {name!r} is missing from {files}')
-    tensor = reader.get(name)
-    shape = tuple(variable.shape)
-    hf_shape = _hf_shape(path, shape)
-    if tuple(tensor.shape) != hf_shape:
-      raise InputError(f'{reader.file_of(name)}: tensor {name!r} has shape {list(tensor.shape)}, '
+    hf_shape = _hf_shape(path, tuple(variable.shape))
+    if reader.shape(name) != hf_shape:
+      raise InputError(f'{reader.file_of(name)}: tensor {name!r} has shape {list(reader.shape(name))}, '
                        f'expected {list(hf_shape)} from config.json')
-    host = _from_hf(path, tensor, shape)
-    if np.may_share_memory(host, tensor):  # Never hand JAX a view of the memory map (CPU may alias it).
-      host = host.copy()
-    value = jnp.asarray(host).astype(variable.dtype)
-    leaves.append((path, variable.replace(value=value)))
   ignorable = {'lm_head.weight'} if cfg.tie_word_embeddings else set()
   for name in reader.names():
     if name not in expected and name not in ignorable and not name.endswith('rotary_emb.inv_freq'):
       raise InputError(f'{reader.file_of(name)}: tensor {name!r} is not part of the model that config.json '
                        'describes')
+  leaves = []
+  for path, variable in flat:
+    name = _hf_name(path)
+    if by_path is not None:
+      value = _sharded_value(reader, name, path, variable, by_path[path])
+    else:
+      tensor = reader.get(name)
+      host = _from_hf(path, tensor, tuple(variable.shape))
+      if np.may_share_memory(host, tensor):  # Never hand JAX a view of the memory map (CPU may alias it).
+        host = host.copy()
+      value = jnp.asarray(host).astype(variable.dtype)
+    leaves.append((path, variable.replace(value=value)))
   return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 

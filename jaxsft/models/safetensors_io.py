@@ -2,10 +2,15 @@
 
 Our own reader and writer rather than `safetensors.numpy`, so bfloat16 (via ml_dtypes) and a bad file
 behave the same on every safetensors version: a malformed header is an InputError naming the file.
+
+`Reader.read_slice` reads one rectangular block of a tensor with positioned reads (no memory map), in chunks
+of whole rows of at most `CHUNK_BYTES`, so a process that loads only its shards never maps or buffers the
+rest of the tensor: file pages it does not need never enter its resident memory.
 """
 
 import json
 import math
+import os
 import pathlib
 import struct
 
@@ -15,6 +20,7 @@ import numpy as np
 from jaxsft.errors import InputError
 
 SINGLE_FILE = 'model.safetensors'
+CHUNK_BYTES = 4 * 2**20  # The most `read_slice` reads beyond the block it returns (at least one row).
 INDEX_FILE = 'model.safetensors.index.json'
 
 DTYPES = {
@@ -90,6 +96,62 @@ class Reader:
     begin, end = info['data_offsets']
     dtype = DTYPES[info['dtype']].newbyteorder('<')
     return mm[start + begin:start + end].view(dtype).reshape(info['shape'])
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    path = self._where[name]
+    return tuple(self._maps[path][0][name]['shape'])
+
+  def read_slice(self, name: str, ranges) -> np.ndarray:
+    """tensor[r0[0]:r0[1], r1[0]:r1[1], ...] as a fresh array, reading only those bytes (plus at most one chunk).
+
+    Args:
+      name: the tensor.
+      ranges: one (start, stop) per axis, within the tensor's shape.
+    """
+    path = self._where[name]
+    header, start, _ = self._maps[path]
+    info = header[name]
+    shape = tuple(info['shape'])
+    dtype = DTYPES[info['dtype']].newbyteorder('<')
+    ranges = [(int(a), int(b)) for a, b in ranges]
+    if len(ranges) != len(shape) or any(not 0 <= a <= b <= n for (a, b), n in zip(ranges, shape)):
+      raise ValueError(f'{path}: block {ranges} is outside tensor {name!r} of shape {list(shape)}')
+    out = np.empty([b - a for a, b in ranges], dtype)
+    if out.size == 0:
+      return out
+    base = start + info['data_offsets'][0]
+    if not shape:
+      _pread_into(path, out, base)
+      return out
+    row_shape = shape[1:]
+    row_bytes = math.prod(row_shape) * dtype.itemsize
+    (r0, r1), rest = ranges[0], ranges[1:]
+    if all(r == (0, n) for r, n in zip(rest, row_shape)):  # Whole rows: one contiguous read.
+      _pread_into(path, out, base + r0 * row_bytes)
+      return out
+    rows_per_chunk = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    buf = np.empty((min(rows_per_chunk, r1 - r0), *row_shape), dtype)
+    inner = (slice(None),) + tuple(slice(a, b) for a, b in rest)
+    for row in range(r0, r1, rows_per_chunk):
+      n = min(rows_per_chunk, r1 - row)
+      _pread_into(path, buf[:n], base + row * row_bytes)
+      out[row - r0:row - r0 + n] = buf[:n][inner]
+    return out
+
+
+def _pread_into(path: pathlib.Path, out: np.ndarray, offset: int) -> None:
+  """Fills the contiguous array `out` with the bytes of `path` from `offset`."""
+  view = memoryview(out.reshape(-1).view(np.uint8))
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    done = 0
+    while done < len(view):
+      n = os.preadv(fd, [view[done:]], offset + done)
+      if n <= 0:
+        raise InputError(f'{path}: unexpected end of file at byte {offset + done}')
+      done += n
+  finally:
+    os.close(fd)
 
 
 def open_checkpoint(model_dir: pathlib.Path) -> Reader:

@@ -36,6 +36,14 @@ def main(port: str, process_id: str, data_file: str, out: str) -> None:
   index = index_lib.build_index(source, tokenizer, options, skip_bad_rows=False, process_index=jax.process_index(),
                                 process_count=jax.process_count())
   index_reads = sorted(source.reads)
+
+  # Only process 0 has a cached index (built alone, no collective): both must still agree and rebuild.
+  cache = f'{out}.cache'
+  if jax.process_index() == 0:
+    index_lib.build_index(source, tokenizer, options, skip_bad_rows=False, cache_dir=cache)
+  cached = index_lib.build_index(source, tokenizer, options, skip_bad_rows=False, cache_dir=cache,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+  cache_ok = cached.lengths.tolist() == index.lengths.tolist()
   plan = pipeline.make_plan(index, seq_len=96, pack=True)
   micro = PER_DEVICE_BATCH * jax.device_count()
   geometry = pipeline.Geometry.create(len(plan), micro, 2, 2.0, -1)
@@ -67,7 +75,7 @@ def main(port: str, process_id: str, data_file: str, out: str) -> None:
   with open(out, 'w', encoding='utf-8') as f:
     json.dump({'index_reads': index_reads, 'lengths': index.lengths.tolist(), 'flags': index.flags.tolist(),
                'reads': reads, 'digests': digests, 'targets': targets, 'resume_ok': resumed == reference,
-               'steps': len(steps), 'devices': jax.device_count()}, f)
+               'steps': len(steps), 'devices': jax.device_count(), 'cache_ok': cache_ok}, f)
   jax.distributed.shutdown()
 
 

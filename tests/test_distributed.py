@@ -1,0 +1,200 @@
+"""jaxsft.distributed: finding the cluster from the environment, and a real 2-process training run.
+
+The slow test trains configs/tiny.py through the command line as 2 processes × 4 CPU devices (joined by
+JAXSFT_* variables, gloo collectives) and as 1 process × 8 devices: the per-step metrics and the exported
+weights agree, and only process 0 writes the output directory and prints the run's log lines.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxsft import distributed
+from jaxsft.errors import InputError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPLICIT = {'JAXSFT_COORDINATOR_ADDRESS': '10.0.0.1:1234', 'JAXSFT_NUM_PROCESSES': '4', 'JAXSFT_PROCESS_ID': '3'}
+SLURM = {'SLURM_JOB_ID': '123', 'SLURM_NTASKS': '16', 'SLURM_PROCID': '5', 'SLURM_LOCALID': '5',
+         'SLURM_STEP_NUM_NODES': '2'}
+
+
+def test_single_process_environments_need_no_cluster():
+  assert distributed.detect({}) is None
+  assert distributed.detect({'TPU_WORKER_HOSTNAMES': 'host0'}) is None  # A one-host TPU VM.
+  assert distributed.detect({**SLURM, 'SLURM_STEP_NODELIST': 'n1', 'SLURM_NTASKS': '1',
+                             'SLURM_STEP_NUM_NODES': '1'}) is None
+  assert distributed.detect({**EXPLICIT, 'JAXSFT_NUM_PROCESSES': '1', 'JAXSFT_PROCESS_ID': '0'}) is None
+
+
+def test_explicit_variables():
+  cluster = distributed.detect({**EXPLICIT, 'JAXSFT_LOCAL_DEVICE_IDS': '2,3'})
+  assert cluster == distributed.Cluster('env', '10.0.0.1:1234', 4, 3, (2, 3))
+  # They take precedence over a SLURM allocation the job happens to run in.
+  assert distributed.detect({**SLURM, 'SLURM_STEP_NODELIST': 'n1', **EXPLICIT}).source == 'env'
+
+
+@pytest.mark.parametrize('env, variable', [
+    ({'JAXSFT_NUM_PROCESSES': '2', 'JAXSFT_PROCESS_ID': '0'}, 'JAXSFT_COORDINATOR_ADDRESS'),
+    ({'JAXSFT_COORDINATOR_ADDRESS': 'h:1', 'JAXSFT_PROCESS_ID': '0'}, 'JAXSFT_NUM_PROCESSES'),
+    ({**EXPLICIT, 'JAXSFT_COORDINATOR_ADDRESS': 'host'}, 'JAXSFT_COORDINATOR_ADDRESS'),
+    ({**EXPLICIT, 'JAXSFT_NUM_PROCESSES': 'two'}, 'JAXSFT_NUM_PROCESSES'),
+    ({**EXPLICIT, 'JAXSFT_PROCESS_ID': '4'}, 'JAXSFT_PROCESS_ID'),
+    ({**EXPLICIT, 'JAXSFT_PROCESS_ID': '-1'}, 'JAXSFT_PROCESS_ID'),
+    ({**EXPLICIT, 'JAXSFT_LOCAL_DEVICE_IDS': '0;1'}, 'JAXSFT_LOCAL_DEVICE_IDS'),
+])
+def test_bad_variables_name_the_variable(env, variable):
+  with pytest.raises(InputError, match=f'^environment variable {variable}[: ]') as info:
+    distributed.detect(env)
+  assert '\n' not in str(info.value)
+
+
+@pytest.mark.parametrize('nodelist', ['gpu007', 'gpu007,other3', 'gpu[007-015],other3', 'gpu[007,009-015]'])
+def test_slurm_coordinator_is_the_one_jax_picks(nodelist, monkeypatch):
+  from jax._src.clusters import slurm_cluster
+  env = {**SLURM, 'SLURM_STEP_NODELIST': nodelist}
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  monkeypatch.delenv('JAX_COORDINATOR_PORT', raising=False)
+  cluster = distributed.detect(env)
+  assert cluster.coordinator_address == slurm_cluster.SlurmCluster.get_coordinator_address(None, None)
+  assert cluster.coordinator_address.startswith('gpu007:')
+  assert (cluster.num_processes, cluster.process_id) == (16, 5)
+
+
+def test_slurm_gpus_per_task():
+  several = distributed.detect({**SLURM, 'SLURM_STEP_NODELIST': 'n[1-2]'})  # 8 tasks per node: one GPU each.
+  assert several.local_device_ids == (5,)
+  one = distributed.detect({**SLURM, 'SLURM_STEP_NODELIST': 'n[1-2]', 'SLURM_NTASKS': '2', 'SLURM_PROCID': '1',
+                            'SLURM_LOCALID': '0'})
+  assert one.local_device_ids is None and one.num_processes == 2  # One task per node: all of its GPUs.
+
+
+def test_multi_host_tpu_is_left_to_jax():
+  assert distributed.detect({'TPU_WORKER_HOSTNAMES': 'h0,h1,h2,h3'}) == distributed.Cluster('tpu')
+  assert distributed.detect({'TPU_WORKER_HOSTNAMES': 'h0', 'MEGASCALE_NUM_SLICES': '2'}).source == 'tpu'
+
+
+def test_initialize_without_a_cluster_does_nothing_and_is_idempotent(monkeypatch):
+  import jax
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *a, **k: calls.append((a, k)))
+  monkeypatch.setattr(distributed, '_initialized', False)
+  distributed.initialize({})
+  distributed.initialize(EXPLICIT)  # Already initialised: the environment is not even read again.
+  assert calls == [] and not jax.distributed.is_initialized()
+
+
+def test_initialize_passes_the_cluster_to_jax(monkeypatch):
+  import jax
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *a, **k: calls.append((a, k)))
+  monkeypatch.setattr(distributed, '_initialized', False)
+  distributed.initialize({**EXPLICIT, 'JAXSFT_LOCAL_DEVICE_IDS': '1'})
+  assert calls == [(('10.0.0.1:1234', 4, 3), {'local_device_ids': [1], 'cluster_detection_method': 'deactivate'})]
+  monkeypatch.setattr(distributed, '_initialized', False)
+  distributed.initialize({'TPU_WORKER_HOSTNAMES': 'h0,h1'})
+  assert calls[1] == ((), {})  # TPU pods: jax finds everything itself.
+
+
+def test_cli_reports_a_bad_variable_in_one_line():
+  env = {k: v for k, v in os.environ.items() if not k.startswith('JAXSFT_') or k == 'JAXSFT_CACHE_DIR'}
+  env.update(JAX_PLATFORMS='cpu', JAXSFT_NUM_PROCESSES='2', JAXSFT_PROCESS_ID='0')
+  proc = subprocess.run([sys.executable, '-m', 'jaxsft.train', '--config', 'configs/tiny.py'], cwd=ROOT, env=env,
+                        text=True, capture_output=True, timeout=120, check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: environment variable JAXSFT_COORDINATOR_ADDRESS ')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Two real processes.
+
+NUM_ROWS = 64
+RUN_FLAGS = ['--config', 'configs/tiny.py', '--config.max_steps=4', '--config.logging_steps=1',
+             '--config.per_device_train_batch_size=2', '--config.bf16=false', '--config.gradient_checkpointing=false',
+             '--config.accuracy_eval_problems=0', '--config.disable_tqdm=true', '--config.seed=7']
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """{'ref': 1 process × 8 devices, 'p0', 'p1': the two processes of a 2 × 4 run} → (output dir, stderr)."""
+  from jaxsft.data import synthetic
+  root = tmp_path_factory.mktemp('distributed')
+  data_file = root / 'train.jsonl'
+  train = synthetic.load(f'synthetic:arithmetic?train={NUM_ROWS}&test=0&seed=11').train
+  with open(data_file, 'w', encoding='utf-8') as f:
+    for i in range(NUM_ROWS):
+      f.write(json.dumps({'messages': train[i]['messages']}) + '\n')
+  base = {k: v for k, v in os.environ.items() if not k.startswith('JAXSFT_') or k == 'JAXSFT_CACHE_DIR'}
+  base.update(JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  port = _free_port()
+  # Each process has its own data-index cache, as hosts do: the runs start at the same time and a process
+  # must not find an index that another run has just written (its peer would still be building one).
+  envs = {'ref': {**base, 'JAX_NUM_CPU_DEVICES': '8', 'JAXSFT_CACHE_DIR': str(root / 'cache_ref')}}
+  for p in range(2):
+    envs[f'p{p}'] = {**base, 'JAX_NUM_CPU_DEVICES': '4', 'JAXSFT_CACHE_DIR': str(root / f'cache_p{p}'),
+                     'JAXSFT_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAXSFT_NUM_PROCESSES': '2',
+                     'JAXSFT_PROCESS_ID': str(p)}
+  procs = {name: subprocess.Popen(
+      [sys.executable, '-m', 'jaxsft.train', *RUN_FLAGS, f'--config.dataset_name={data_file}',
+       f'--config.output_dir={root / name}'], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for name, env in envs.items()}
+  errs = {}
+  try:
+    for name, proc in procs.items():
+      errs[name] = proc.communicate(timeout=240)[1]
+  finally:
+    for proc in procs.values():
+      if proc.poll() is None:
+        proc.kill()
+  failed = [name for name, proc in procs.items() if proc.returncode != 0]
+  assert not failed, '\n'.join(f'--- {n} (exit {procs[n].returncode}):\n{errs[n][-3000:]}' for n in procs)
+  return {name: (root / name, err) for name, err in errs.items()}
+
+
+def _metrics(out) -> list[dict]:
+  return [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_curve_as_one(runs):
+  ref, two = _metrics(runs['ref'][0]), _metrics(runs['p0'][0])
+  assert [r['step'] for r in two] == [r['step'] for r in ref] == [1, 2, 3, 4]
+  assert [r['num_tokens'] for r in two] == [r['num_tokens'] for r in ref]
+  for key in ('loss', 'grad_norm', 'mean_token_accuracy', 'learning_rate'):
+    np.testing.assert_allclose([r[key] for r in two], [r[key] for r in ref], rtol=0, atol=1e-5, err_msg=key)
+  assert ref[-1]['loss'] < ref[0]['loss'] - 0.1  # The curve moves: equal curves are not equal constants.
+  resolved = json.loads((runs['p0'][0] / 'config.json').read_text())['resolved']
+  assert (resolved['num_processes'], resolved['num_devices']) == (2, 8)
+
+
+@pytest.mark.slow
+def test_two_processes_export_the_same_weights_as_one(runs):
+  from safetensors.numpy import load_file
+  ref = load_file(runs['ref'][0] / 'hf' / 'model.safetensors')
+  two = load_file(runs['p0'][0] / 'hf' / 'model.safetensors')
+  assert sorted(two) == sorted(ref)
+  for name in ref:
+    np.testing.assert_allclose(two[name], ref[name], rtol=0, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_only_process_zero_writes_and_logs(runs):
+  (out0, err0), (out1, err1) = runs['p0'], runs['p1']
+  for name in ('config.json', 'metrics.jsonl', 'hf'):
+    assert (out0 / name).exists(), name
+  assert not out1.exists() or not any(out1.iterdir())
+  assert 'jax.distributed (env): 2 processes, 8 cpu devices (4 per process)' in err0
+  for marker in ('jax.distributed', 'data: ', 'training ', 'step=1 ', 'exported'):
+    assert marker in err0, marker
+    assert marker not in err1, marker

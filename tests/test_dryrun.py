@@ -1,0 +1,52 @@
+"""`python -m jaxsft.dryrun`: compile a config's step at its real shape on simulated devices, print memory."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _dryrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  return subprocess.run([sys.executable, '-m', 'jaxsft.dryrun', *args], cwd=ROOT, env=env, text=True,
+                        capture_output=True, timeout=timeout, check=False)
+
+
+def _table(stdout: str) -> dict[str, float]:
+  """The memory table in MiB (its last column)."""
+  return {m.group(1).strip(): float(m.group(3))
+          for m in re.finditer(r'^([a-z ]+?)\s+([0-9.]+)\s+([0-9.]+)$', stdout, re.M)}
+
+
+def test_tiny_dry_run_partitions_parameters_over_fsdp():
+  one = _dryrun('--config', 'configs/tiny.py', '--devices', '1', '--config.per_device_train_batch_size=8')
+  eight = _dryrun('--config', 'configs/tiny.py', '--devices', '8', '--config.mesh.data=1', '--config.mesh.fsdp=8',
+                  '--config.per_device_train_batch_size=1')
+  for proc in (one, eight):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'step temporaries' in proc.stdout and 'peak estimate' in proc.stdout
+  assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in eight.stdout and '8 rows × 128 tokens' in eight.stdout
+  a, b = _table(one.stdout), _table(eight.stdout)
+  assert a['parameters'] > 0 and a['parameters'] / 8 * 0.98 <= b['parameters'] < a['parameters'] / 8 * 1.1
+
+
+def test_unknown_model_shape_is_one_line_error():
+  proc = _dryrun('--config', 'configs/sft.py', '--config.model_name_or_path=nobody/nothing', '--devices', '2')
+  assert proc.returncode == 2 and proc.stderr.strip().startswith('error: ') and 'nobody/nothing' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+@pytest.mark.slow
+def test_r1_distill_compiles_at_the_qwen25_7b_shape():
+  # The real shape (7.6B parameters, ZeRO-3 over 8 devices) at a shorter sequence, to keep CI lean.
+  proc = _dryrun('--config', 'configs/r1_distill.py', '--devices', '8', '--config.max_length=2048')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'qwen2 with 7.6' in proc.stdout, proc.stdout
+  table = _table(proc.stdout)
+  # float32 parameters: 7.6e9 × 4 B / 8 devices ≈ 3.5 GiB; Adam's two moments + accumulated grads ≈ 3×.
+  assert 3.3 * 1024 < table['parameters'] < 3.7 * 1024, proc.stdout
+  assert 9.9 * 1024 < table['optimizer state'] < 11.0 * 1024, proc.stdout
