@@ -153,3 +153,15 @@ def gather_to_host(tree):
     return np.asarray(x)
 
   return jax.tree.map(one, tree)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins an activation's leading (batch) axis to the batch mesh axes, the other axes unsharded.
+
+  Without it, XLA may keep FSDP's embed-sharded layout for activations and replicate the batch instead,
+  multiplying every device's activation memory by the fsdp size. Outside a mesh (tests, decoding) a no-op.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))

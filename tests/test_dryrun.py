@@ -50,3 +50,15 @@ def test_r1_distill_compiles_at_the_qwen25_7b_shape():
   # float32 parameters: 7.6e9 × 4 B / 8 devices ≈ 3.5 GiB; Adam's two moments + accumulated grads ≈ 3×.
   assert 3.3 * 1024 < table['parameters'] < 3.7 * 1024, proc.stdout
   assert 9.9 * 1024 < table['optimizer state'] < 11.0 * 1024, proc.stdout
+
+
+def test_fsdp_keeps_activations_batch_sharded():
+  # FSDP shards weights along embed; unless activations are pinned to the batch axes, XLA may replicate the
+  # batch and shard embed instead, multiplying activation memory (here 1.55× without the constraint).
+  common = ['--config', 'configs/tiny.py', '--devices', '8', '--config.max_length=1024',
+            '--config.per_device_train_batch_size=2']
+  data = _dryrun(*common, '--config.mesh.data=8', '--config.mesh.fsdp=1')
+  fsdp = _dryrun(*common, '--config.mesh.data=1', '--config.mesh.fsdp=8')
+  for proc in (data, fsdp):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  assert _table(fsdp.stdout)['step temporaries'] < 1.1 * _table(data.stdout)['step temporaries']

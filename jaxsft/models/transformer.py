@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxsft import sharding
 from jaxsft.errors import InputError
 from jaxsft.models import attention as attention_lib
 
@@ -342,11 +343,11 @@ class Transformer(nnx.Module):
                     segment_ids_BxT: jax.Array) -> jax.Array:
     """Final-norm hidden states [B, T, D] in the compute dtype."""
     segment_ids_BxT = jnp.asarray(segment_ids_BxT)
-    x_BxTxD = self.embed_tokens(jnp.asarray(tokens_BxT))
+    x_BxTxD = sharding.constrain_batch(self.embed_tokens(jnp.asarray(tokens_BxT)))
     cos_BxTx1xH, sin_BxTx1xH = self._rope(positions_BxT)
     apply = _apply_layer_remat if self.cfg.remat == 'full' else _apply_layer
     for layer in self.layers:
-      x_BxTxD = apply(layer, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT)
+      x_BxTxD = sharding.constrain_batch(apply(layer, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT))
     return self.norm(x_BxTxD)
 
   def unembedding(self) -> jax.Array:
