@@ -22,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 TPU = ROOT / 'scripts' / 'tpu'
 GPU = ROOT / 'scripts' / 'gpu'
 TPU_SCRIPTS = ['create.sh', 'setup.sh', 'launch.sh', 'logs.sh', 'stop.sh', 'delete.sh']
-ALL_SCRIPTS = [TPU / name for name in TPU_SCRIPTS] + [TPU / '_common.sh', GPU / 'slurm.sh']
+ALL_SCRIPTS = [TPU / name for name in TPU_SCRIPTS] + [TPU / '_common.sh', TPU.parent / '_lib.sh', GPU / 'slurm.sh']
 # A training argument that breaks naive quoting: spaces, both quote kinds, $, backslash, glob characters.
 NASTY = '--config.chat_template={{ "it\'s" }} $HOME \\n *.py'
 
@@ -89,7 +89,7 @@ def test_shellcheck_catches_problems(tmp_path):
   assert proc.returncode != 0 and 'SC2086' in proc.stdout, proc.stdout
 
 
-@pytest.mark.parametrize('script', [s for s in ALL_SCRIPTS if s.name != '_common.sh'], ids=lambda p: p.name)
+@pytest.mark.parametrize('script', [s for s in ALL_SCRIPTS if not s.name.startswith('_')], ids=lambda p: p.name)
 def test_help(env, script):
   assert os.access(script, os.X_OK), f'{script} is not executable'
   for flag in ('--help', '-h'):

@@ -2,6 +2,8 @@
 # Writes and submits a SLURM batch script that runs jaxsft training on N GPU nodes: one process per node
 # (each process drives all GPUs of its node); jax.distributed finds the coordinator in SLURM's environment.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=../_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../_lib.sh"
 
 usage() {
   cat <<'USAGE'
@@ -34,25 +36,6 @@ Examples:
       --config.output_dir=runs/qwen7b-sft
   scripts/gpu/slurm.sh --nodes 4 --container nvcr.io/nvidia/jax:25.04-py3 --config configs/sft.py
 USAGE
-}
-
-die() {
-  echo "$(basename "$0"): $*" >&2
-  exit 2
-}
-
-need() {
-  [[ "$2" -ge 2 && "${3:-}" != --* ]] || die "$1 needs a value"
-}
-
-# quote ARG: ARG as one shell word; plain words stay bare, anything else is single-quoted.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    local squote="'"
-    printf "'%s'" "${1//${squote}/${squote}\\${squote}${squote}}"
-  fi
 }
 
 nodes="" gpus="8" partition="" time_limit="" account="" job="jaxsft" setup="" container="" dry_run=0

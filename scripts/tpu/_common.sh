@@ -1,7 +1,7 @@
 # shellcheck shell=bash disable=SC2034  # the REMOTE_* settings are used by the scripts that source this
-# Helpers shared by the scripts in scripts/tpu/ (sourced, not run): argument checks, shell quoting, and the
-# run/dry-run switch. Every gcloud call goes through `run`, so `--dry-run` prints each command on one line,
-# quoted so that it can be pasted back into a shell, and calls nothing.
+# Helpers shared by the scripts in scripts/tpu/ (sourced, not run): ../_lib.sh's argument checks and shell
+# quoting, plus the run/dry-run switch. Every gcloud call goes through `run`, so `--dry-run` prints each
+# command on one line, quoted so that it can be pasted back into a shell, and calls nothing.
 
 # Where things live on every TPU worker, relative to the login user's home directory.
 REMOTE_DIR="jaxsft"          # the repository
@@ -11,40 +11,8 @@ REMOTE_LOGS="jaxsft-logs"    # one directory per run: RUN/worker-I.log and RUN/w
 DRY_RUN=0
 PROJECT=""
 
-# die MESSAGE: one-line usage error on stderr, exit status 2.
-die() {
-  echo "$(basename "$0"): $*" >&2
-  exit 2
-}
-
-# need FLAG ARG-COUNT VALUE: fails unless FLAG has a value (`need "$1" "$#" "${2:-}"` in a parse loop).
-need() {
-  [[ "$2" -ge 2 && "${3:-}" != --* ]] || die "$1 needs a value"
-}
-
-# require FLAG VALUE: fails when a required flag was not given.
-require() {
-  [[ -n "$2" ]] || die "missing required argument $1 (see --help)"
-}
-
-# quote ARG: ARG as one shell word; plain words stay bare, anything else is single-quoted.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    local squote="'"
-    printf "'%s'" "${1//${squote}/${squote}\\${squote}${squote}}"
-  fi
-}
-
-# quote_all ARGS...: the arguments as one line of shell words.
-quote_all() {
-  local out="" arg
-  for arg in "$@"; do
-    out+="${out:+ }$(quote "$arg")"
-  done
-  printf '%s' "$out"
-}
+# shellcheck source-path=SCRIPTDIR source=../_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../_lib.sh"
 
 # run CMD ARGS...: runs the command, or with --dry-run prints it (one line, quoted).
 run() {

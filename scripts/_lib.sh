@@ -1,0 +1,37 @@
+# shellcheck shell=bash
+# Helpers shared by every script in scripts/ (sourced, not run): one-line usage errors and shell quoting.
+
+# die MESSAGE: one-line usage error on stderr, exit status 2.
+die() {
+  echo "$(basename "$0"): $*" >&2
+  exit 2
+}
+
+# need FLAG ARG-COUNT VALUE: fails unless FLAG has a value (`need "$1" "$#" "${2:-}"` in a parse loop).
+need() {
+  [[ "$2" -ge 2 && "${3:-}" != --* ]] || die "$1 needs a value"
+}
+
+# require FLAG VALUE: fails when a required flag was not given.
+require() {
+  [[ -n "$2" ]] || die "missing required argument $1 (see --help)"
+}
+
+# quote ARG: ARG as one shell word; plain words stay bare, anything else is single-quoted.
+quote() {
+  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    local squote="'"
+    printf "'%s'" "${1//${squote}/${squote}\\${squote}${squote}}"
+  fi
+}
+
+# quote_all ARGS...: the arguments as one line of shell words.
+quote_all() {
+  local out="" arg
+  for arg in "$@"; do
+    out+="${out:+ }$(quote "$arg")"
+  done
+  printf '%s' "$out"
+}
