@@ -52,25 +52,15 @@ def run(config, num_devices: int, model_config: str | None) -> dict:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from jaxsft import config as config_lib  # pylint: disable=import-outside-toplevel
-  from jaxsft import optim  # pylint: disable=import-outside-toplevel
   from jaxsft import sharding  # pylint: disable=import-outside-toplevel
   from jaxsft import trainer  # pylint: disable=import-outside-toplevel
   from jaxsft.data import packing  # pylint: disable=import-outside-toplevel
-  from jaxsft.models import hf  # pylint: disable=import-outside-toplevel
 
   with open(model_config_path(config.model_name_or_path, model_config), encoding='utf-8') as f:
     hf_cfg = json.load(f)
-  model_cfg = hf.model_config_from_hf(hf_cfg, dtype='bfloat16' if config.bf16 else 'float32',
-                                      param_dtype='float32', attention_impl=config.model.attention_impl,
-                                      remat=config_lib.remat_policy(config))
+  model_cfg = trainer.model_config(config, hf_cfg)
   mesh = sharding.make_mesh(config.mesh)
-  tx, _ = optim.make_optimizer(
-      learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type, total_steps=1000,
-      warmup_steps=config.warmup_steps, warmup_ratio=config.warmup_ratio, min_lr_rate=config.min_lr_rate,
-      weight_decay=config.weight_decay, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
-      adam_epsilon=config.adam_epsilon, max_grad_norm=config.max_grad_norm,
-      gradient_accumulation_steps=config.gradient_accumulation_steps)
+  tx, _ = trainer.make_optimizer(config, total_steps=1000)  # The step count only shapes the schedule.
   graphdef, abstract_params, shardings = trainer.state_shardings(model_cfg, tx, mesh, warn=print)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
 

@@ -134,6 +134,22 @@ class TrainStep:
     return {'params': params, 'opt_state': opt_state}, sums
 
 
+def model_config(config: config_dict.ConfigDict, hf_cfg: dict) -> transformer.ModelConfig:
+  """The model as `config` trains it: bf16 compute over float32 master weights (or float32), its remat."""
+  return hf.model_config_from_hf(hf_cfg, dtype='bfloat16' if config.bf16 else 'float32', param_dtype='float32',
+                                 attention_impl=config.model.attention_impl, remat=config_lib.remat_policy(config))
+
+
+def make_optimizer(config: config_dict.ConfigDict, total_steps: int):
+  """(MultiSteps AdamW, schedule) from the config's optimizer fields, for `total_steps` optimizer steps."""
+  return optim.make_optimizer(
+      learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type, total_steps=total_steps,
+      warmup_steps=config.warmup_steps, warmup_ratio=config.warmup_ratio, min_lr_rate=config.min_lr_rate,
+      weight_decay=config.weight_decay, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
+      adam_epsilon=config.adam_epsilon, max_grad_norm=config.max_grad_norm,
+      gradient_accumulation_steps=config.gradient_accumulation_steps)
+
+
 def build_model(config, model_dir: str, model_cfg: transformer.ModelConfig, shardings=None):
   """The model, its parameters created directly in their shards when `shardings` is given."""
   if config.model_init == 'random':
@@ -195,9 +211,7 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh)
   model_dir = str(hf.resolve_model_dir(config.model_name_or_path, config.model_revision))
   hf_cfg = hf.read_hf_config(model_dir)
-  model_cfg = hf.model_config_from_hf(
-      hf_cfg, dtype='bfloat16' if config.bf16 else 'float32', param_dtype='float32',
-      attention_impl=config.model.attention_impl, remat=config_lib.remat_policy(config))
+  model_cfg = model_config(config, hf_cfg)
   tokenizer = load_tokenizer(config, model_dir)
   if len(tokenizer) > model_cfg.vocab_size:
     raise InputError(f'the tokenizer has {len(tokenizer)} tokens but the model at {model_dir!r} '
@@ -208,12 +222,7 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
                          process_index=jax.process_index(), process_count=jax.process_count(), log=log)
   geometry = data.train.geometry
   warmup = optim.num_warmup_steps(geometry.total_steps, config.warmup_steps, config.warmup_ratio)
-  tx, schedule = optim.make_optimizer(
-      learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
-      total_steps=geometry.total_steps, warmup_steps=config.warmup_steps, warmup_ratio=config.warmup_ratio,
-      min_lr_rate=config.min_lr_rate, weight_decay=config.weight_decay, adam_beta1=config.adam_beta1,
-      adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon, max_grad_norm=config.max_grad_norm,
-      gradient_accumulation_steps=config.gradient_accumulation_steps)
+  tx, schedule = make_optimizer(config, geometry.total_steps)
   write_resolved_config(config, config.output_dir, {
       'num_devices': jax.device_count(), 'num_processes': jax.process_count(),
       'mesh': dict(mesh.shape), 'micro_batch_size': micro_batch_size,

@@ -34,11 +34,8 @@ def main(num_devices: str, model_dir: str, data_file: str, out_dir: str, *meshes
     # The state as the trainer builds it, to check its shardings.
     mesh = sharding.make_mesh(config.mesh)
     model_dir_ = str(trainer.hf.resolve_model_dir(model_dir))
-    model_cfg = trainer.hf.model_config_from_hf(trainer.hf.read_hf_config(model_dir_), dtype='float32')
-    tx, _ = trainer.optim.make_optimizer(
-        learning_rate=1e-3, lr_scheduler_type='linear', total_steps=5, warmup_steps=0, warmup_ratio=0.0,
-        min_lr_rate=None, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        max_grad_norm=1.0, gradient_accumulation_steps=2)
+    model_cfg = trainer.model_config(config, trainer.hf.read_hf_config(model_dir_))
+    tx, _ = trainer.make_optimizer(config, total_steps=5)
     state, _, _, _ = trainer.init_state(config, model_dir_, model_cfg, tx, mesh)
     specs = {}
     for path, x in jax.tree_util.tree_leaves_with_path(state):
