@@ -37,13 +37,6 @@ from jaxsft.models import transformer
 log = metrics_lib.log
 
 
-def count_loss_tokens(batch: dict[str, np.ndarray]) -> int:
-  """The number of next-token targets with weight 1 (host-side twin of loss.next_token_targets)."""
-  seg = batch['segment_ids']
-  target = (batch['loss_mask'][:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] != 0)
-  return int(target.sum())
-
-
 def load_tokenizer(config: config_dict.ConfigDict, model_dir: str):
   """The tokenizer with the config's chat_template / eos_token overrides applied (as TRL does)."""
   import transformers  # pylint: disable=import-outside-toplevel

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from jaxsft import config as config_lib
-from jaxsft import trainer
 from jaxsft.data import pipeline
 from jaxsft.errors import InputError
+from tests.helpers import batches
 
 
 def _valid():
@@ -79,4 +79,4 @@ def test_count_loss_tokens_matches_next_token_targets():
            'positions': np.zeros_like(seg)}
   _, weights = loss.next_token_targets(jnp.asarray(batch['input_ids']), jnp.asarray(batch['loss_mask']),
                                        jnp.asarray(seg))
-  assert trainer.count_loss_tokens(batch) == int(np.asarray(weights).sum())
+  assert batches.count_loss_tokens(batch) == int(np.asarray(weights).sum())

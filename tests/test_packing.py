@@ -21,6 +21,7 @@ from jaxsft.data import formats
 from jaxsft.data import packing
 from jaxsft.models import attention
 from jaxsft.models import hf
+from tests.helpers import batches
 
 PAD = 7
 TOL = 1e-5
@@ -364,7 +365,7 @@ def _train(step_fn, tx, params, steps, pack: bool):
       rows = [packing.pack_row([e], SEQ, PAD) for e in examples]
     half = -(-len(rows) // 2)
     micro_batches = [_stack(part, MICRO_ROWS) for part in (rows[:half], rows[half:])]
-    step_tokens = sum(trainer.count_loss_tokens(batch) for batch in micro_batches)
+    step_tokens = sum(batches.count_loss_tokens(batch) for batch in micro_batches)
     inv = jnp.float32(1.0 / step_tokens)
     loss_sum = num_tokens = 0.0
     for batch in micro_batches:

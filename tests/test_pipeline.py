@@ -9,12 +9,12 @@ import tokenizers
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from jaxsft import trainer
 from jaxsft.data import formats
 from jaxsft.data import index as index_lib
 from jaxsft.data import packing
 from jaxsft.data import pipeline
 from jaxsft.errors import InputError
+from tests.helpers import batches
 
 CHATML_MARKED = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\n' }}"
                  "{%- if message['role'] == 'assistant' %}{%- generation %}{{- message['content'] + '<|im_end|>' }}"
@@ -222,7 +222,7 @@ def test_each_epoch_covers_every_row_once_and_counts_the_step_tokens(tokenizer, 
       assert set(batch) == set(packing.BATCH_KEYS)
       assert all(v.shape == (4, 96) and v.dtype == np.int32 for v in batch.values())
       per_epoch.setdefault(element['epoch'], []).extend(_segments(batch))
-    assert element['num_targets'] == sum(trainer.count_loss_tokens(b) for b in element['micro_batches']) > 0
+    assert element['num_targets'] == sum(batches.count_loss_tokens(b) for b in element['micro_batches']) > 0
     assert element['num_input_tokens'] == sum(int((b['segment_ids'] > 0).sum()) for b in element['micro_batches'])
   assert sorted(per_epoch) == [0, 1]
   for epoch_segments in per_epoch.values():
