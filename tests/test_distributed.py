@@ -7,7 +7,6 @@ weights agree, and only process 0 writes the output directory and prints the run
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import pytest
 
 from jaxsft import distributed
 from jaxsft.errors import InputError
+from tests.helpers import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPLICIT = {'JAXSFT_COORDINATOR_ADDRESS': '10.0.0.1:1234', 'JAXSFT_NUM_PROCESSES': '4', 'JAXSFT_PROCESS_ID': '3'}
@@ -119,25 +119,14 @@ RUN_FLAGS = ['--config', 'configs/tiny.py', '--config.max_steps=4', '--config.lo
              '--config.accuracy_eval_problems=0', '--config.disable_tqdm=true', '--config.seed=7']
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   """{'ref': 1 process × 8 devices, 'p0', 'p1': the two processes of a 2 × 4 run} → (output dir, stderr)."""
-  from jaxsft.data import synthetic
   root = tmp_path_factory.mktemp('distributed')
-  data_file = root / 'train.jsonl'
-  train = synthetic.load(f'synthetic:arithmetic?train={NUM_ROWS}&test=0&seed=11').train
-  with open(data_file, 'w', encoding='utf-8') as f:
-    for i in range(NUM_ROWS):
-      f.write(json.dumps({'messages': train[i]['messages']}) + '\n')
+  data_file = processes.write_synthetic_jsonl(root / 'train.jsonl', NUM_ROWS, seed=11)
   base = {k: v for k, v in os.environ.items() if not k.startswith('JAXSFT_') or k == 'JAXSFT_CACHE_DIR'}
   base.update(JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  port = _free_port()
+  port = processes.free_port()
   # Each process has its own data-index cache, as hosts do: the runs start at the same time and a process
   # must not find an index that another run has just written (its peer would still be building one).
   envs = {'ref': {**base, 'JAX_NUM_CPU_DEVICES': '8', 'JAXSFT_CACHE_DIR': str(root / 'cache_ref')}}
@@ -145,20 +134,9 @@ def runs(tmp_path_factory):
     envs[f'p{p}'] = {**base, 'JAX_NUM_CPU_DEVICES': '4', 'JAXSFT_CACHE_DIR': str(root / f'cache_p{p}'),
                      'JAXSFT_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAXSFT_NUM_PROCESSES': '2',
                      'JAXSFT_PROCESS_ID': str(p)}
-  procs = {name: subprocess.Popen(
-      [sys.executable, '-m', 'jaxsft.train', *RUN_FLAGS, f'--config.dataset_name={data_file}',
-       f'--config.output_dir={root / name}'], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True) for name, env in envs.items()}
-  errs = {}
-  try:
-    for name, proc in procs.items():
-      errs[name] = proc.communicate(timeout=240)[1]
-  finally:
-    for proc in procs.values():
-      if proc.poll() is None:
-        proc.kill()
-  failed = [name for name, proc in procs.items() if proc.returncode != 0]
-  assert not failed, '\n'.join(f'--- {n} (exit {procs[n].returncode}):\n{errs[n][-3000:]}' for n in procs)
+  errs = processes.run_all({name: ([sys.executable, '-m', 'jaxsft.train', *RUN_FLAGS,
+                                    f'--config.dataset_name={data_file}', f'--config.output_dir={root / name}'], env)
+                            for name, env in envs.items()}, cwd=ROOT)
   return {name: (root / name, err) for name, err in errs.items()}
 
 

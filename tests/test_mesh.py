@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import models
+from tests.helpers import processes
 
 pytestmark = pytest.mark.slow
 MESHES = [{'data': 1, 'fsdp': 8, 'tensor': 1}, {'data': 1, 'fsdp': 4, 'tensor': 2}, {'data': 2, 'fsdp': 4, 'tensor': 1}]
@@ -33,15 +34,11 @@ def _run(root, name: str, num_devices: int, model_dir: str, data_file: str, mesh
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  from jaxsft.data import synthetic
-
   root = tmp_path_factory.mktemp('mesh')
   model_dir = models.save_tiny_qwen2(root / 'model', hidden_size=64, intermediate_size=128)
-  train = synthetic.load('synthetic:arithmetic?train=40&test=0&seed=2').train
-  data_file = root / 'train.jsonl'
-  data_file.write_text(''.join(json.dumps({'messages': train[i]['messages']}) + '\n' for i in range(40)))
-  single = _run(root, 'single', 1, model_dir, str(data_file), [{'data': 1, 'fsdp': 1, 'tensor': 1}])[0]
-  return single, _run(root, 'eight', 8, model_dir, str(data_file), MESHES)
+  data_file = processes.write_synthetic_jsonl(root / 'train.jsonl', 40, seed=2)
+  single = _run(root, 'single', 1, model_dir, data_file, [{'data': 1, 'fsdp': 1, 'tensor': 1}])[0]
+  return single, _run(root, 'eight', 8, model_dir, data_file, MESHES)
 
 
 def test_every_mesh_gives_the_single_device_loss_curve(runs):

@@ -8,50 +8,26 @@ exactly.
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
 
-from jaxsft.data import synthetic
 from tests.helpers import data_process
+from tests.helpers import processes
 
 pytestmark = pytest.mark.slow
 NUM_ROWS = 57
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def two_process_run(tmp_path_factory):
   root = tmp_path_factory.mktemp('two_process')
-  data_file = root / 'train.jsonl'
-  train = synthetic.load(f'synthetic:arithmetic?train={NUM_ROWS}&test=0&seed=3').train
-  with open(data_file, 'w', encoding='utf-8') as f:
-    for i in range(NUM_ROWS):
-      f.write(json.dumps({'messages': train[i]['messages']}) + '\n')
-  port = _free_port()
+  data_file = processes.write_synthetic_jsonl(root / 'train.jsonl', NUM_ROWS, seed=3)
+  port = processes.free_port()
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
   env['PYTHONPATH'] = os.pathsep.join([os.getcwd(), env.get('PYTHONPATH', '')])
-  procs = [subprocess.Popen([sys.executable, '-m', 'tests.helpers.data_process', str(port), str(p), str(data_file),
-                             str(root / f'out{p}.json')], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for p in range(2)]
-  outputs = []
-  for proc in procs:
-    try:
-      out, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-      for other in procs:
-        other.kill()
-      raise
-    outputs.append(out)
-  for proc, out in zip(procs, outputs):
-    assert proc.returncode == 0, out[-3000:]
+  processes.run_all({p: ([sys.executable, '-m', 'tests.helpers.data_process', str(port), str(p), data_file,
+                          str(root / f'out{p}.json')], env) for p in range(2)})
   results = []
   for p in range(2):
     with open(root / f'out{p}.json', encoding='utf-8') as f:

@@ -1,0 +1,41 @@
+"""Running several test processes at once (jax.distributed clusters on 127.0.0.1), and their data files."""
+
+import json
+import socket
+import subprocess
+
+
+def free_port() -> int:
+  """A TCP port free on 127.0.0.1 now (for a jax.distributed coordinator)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def run_all(commands: dict, *, timeout: int = 240, cwd=None) -> dict[str, str]:
+  """Starts every `name: (argv, env)` at once, waits for all; returns name → stderr (stdout discarded when
+  stderr is separate). Fails naming each process that exited non-zero, with the end of its output; kills the
+  rest if one hangs."""
+  procs = {name: subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True) for name, (argv, env) in commands.items()}
+  errs = {}
+  try:
+    for name, proc in procs.items():
+      errs[name] = proc.communicate(timeout=timeout)[1]
+  finally:
+    for proc in procs.values():
+      if proc.poll() is None:
+        proc.kill()
+  failed = [name for name, proc in procs.items() if proc.returncode != 0]
+  assert not failed, '\n'.join(f'--- {n} (exit {procs[n].returncode}):\n{errs.get(n, "")[-3000:]}' for n in procs)
+  return errs
+
+
+def write_synthetic_jsonl(path, num_rows: int, seed: int) -> str:
+  """`num_rows` synthetic `messages` rows (jaxsft.data.synthetic) as a JSON Lines file."""
+  from jaxsft.data import synthetic  # pylint: disable=import-outside-toplevel
+  train = synthetic.load(f'synthetic:arithmetic?train={num_rows}&test=0&seed={seed}').train
+  with open(path, 'w', encoding='utf-8') as f:
+    for i in range(num_rows):
+      f.write(json.dumps({'messages': train[i]['messages']}) + '\n')
+  return str(path)
