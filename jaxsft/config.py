@@ -20,6 +20,7 @@ from jaxsft.models.transformer import REMAT_POLICIES
 from jaxsft.optim import SCHEDULES
 
 MODEL_INITS = ('pretrained', 'random')
+EXPORT_DTYPES = ('bfloat16', 'float32')
 EVAL_STRATEGIES = ('no', 'steps', 'epoch')
 
 
@@ -82,6 +83,17 @@ def base_config() -> config_dict.ConfigDict:
   c.logging_steps = 10
   c.disable_tqdm = False
 
+  # Checkpoints (OUTPUT_DIR/checkpoints/STEP, Orbax, asynchronous) and the Hugging Face export (OUTPUT_DIR/hf).
+  c.save_steps = 500  # Also saved at the end of each epoch, at the end of training and on SIGTERM/SIGINT.
+  c.save_total_limit = config_dict.placeholder(int)  # Keep the newest N checkpoints; None: keep all.
+  # A run whose output_dir holds checkpoints resumes from the newest complete one; this names another
+  # (OUTPUT_DIR or OUTPUT_DIR/checkpoints/STEP) to start from.
+  c.resume_from_checkpoint = config_dict.placeholder(str)
+  # Comma-separated config fields allowed to differ from the checkpoint's although they change the
+  # training (learning_rate, max_steps, ...; 'all' for any). Logging, eval, mesh and remat may always change.
+  c.resume_allow_changes = config_dict.placeholder(str)
+  c.export_dtype = config_dict.placeholder(str)  # 'bfloat16' | 'float32'; None: bfloat16 if bf16 else float32.
+
   # After training, greedy-decode this many held-out problems of a 'synthetic:' dataset and print the
   # exact-match accuracy (the tiny default's proof that SFT worked). 0 = off.
   c.accuracy_eval_problems = 0
@@ -133,6 +145,14 @@ def validate(config: config_dict.ConfigDict) -> None:
   if config.dataset_num_proc is not None and config.dataset_num_proc < 1:
     raise InputError(f"config field 'dataset_num_proc' must be positive, got {config.dataset_num_proc!r}")
   _choice(config.model_init, 'model_init', MODEL_INITS)
+  if config.export_dtype is not None:
+    _choice(config.export_dtype, 'export_dtype', EXPORT_DTYPES)
+  if config.save_steps < 0:
+    raise InputError(f"config field 'save_steps' must be non-negative (0: only at epoch ends), got {config.save_steps}")
+  if config.save_total_limit is not None and config.save_total_limit < 1:
+    raise InputError(f"config field 'save_total_limit' must be positive or None, got {config.save_total_limit}")
+  if config.resume_from_checkpoint and not os.path.isdir(os.path.expanduser(config.resume_from_checkpoint)):
+    raise InputError(f"config field 'resume_from_checkpoint': no such directory {config.resume_from_checkpoint!r}")
   _choice(config.lr_scheduler_type, 'lr_scheduler_type', SCHEDULES)
   _choice(config.model.attention_impl, 'model.attention_impl', ATTENTION_IMPLS)
   if config.model.remat is not None:
@@ -188,6 +208,10 @@ def eval_interval(config: config_dict.ConfigDict, total_steps: int) -> int:
 def cache_dir(config: config_dict.ConfigDict) -> str:
   return (config.dataset_cache_dir or os.environ.get('JAXSFT_CACHE_DIR')
           or os.path.join(os.path.expanduser('~'), '.cache', 'jaxsft'))
+
+
+def export_dtype(config: config_dict.ConfigDict) -> str:
+  return config.export_dtype or ('bfloat16' if config.bf16 else 'float32')
 
 
 def remat_policy(config: config_dict.ConfigDict) -> str:

@@ -6,6 +6,10 @@ compilation.
 
 A multi-process run (TPU pod, SLURM job, or the JAXSFT_COORDINATOR_ADDRESS / JAXSFT_NUM_PROCESSES /
 JAXSFT_PROCESS_ID variables) joins its jax.distributed cluster first (jaxsft/distributed.py).
+
+A run whose output_dir holds checkpoints resumes from the newest complete one. SIGTERM or SIGINT saves a
+checkpoint at the next step boundary and exits with status 128 + the signal's number (143, 130); a failed
+checkpoint write exits with status 1, earlier checkpoints intact.
 """
 
 import os
@@ -13,6 +17,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_dict
 from ml_collections import config_flags
 
@@ -77,11 +82,18 @@ def main(argv):
     distributed.initialize()  # Before anything touches jax devices.
   except InputError as e:
     fail(str(e))
-  from jaxsft import trainer  # Imported here so `--help` and config errors stay fast.
+  from jaxsft import checkpoint, trainer  # Imported here so `--help` and config errors stay fast.
+  logging.set_verbosity(logging.ERROR)  # Orbax logs every save step (INFO) and read-only opens (WARNING).
   try:
     trainer.run(config)
   except InputError as e:
     fail(str(e))
+  except checkpoint.CheckpointError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  except trainer.Preempted as e:  # A checkpoint was saved: exit as the signal would have (128 + its number).
+    print(f'preempted: {e}', file=sys.stderr)
+    sys.exit(128 + e.signum)
 
 
 if __name__ == '__main__':

@@ -12,6 +12,8 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from typing import Any
 
@@ -23,11 +25,14 @@ import tqdm
 from flax import nnx
 from ml_collections import config_dict
 
+from jaxsft import checkpoint
 from jaxsft import config as config_lib
+from jaxsft import export as export_lib
 from jaxsft import loss as loss_lib
 from jaxsft import metrics as metrics_lib
 from jaxsft import optim
 from jaxsft import sharding
+from jaxsft.data import index as index_lib
 from jaxsft.data import pipeline
 from jaxsft.data import prepare
 from jaxsft.errors import InputError
@@ -68,18 +73,6 @@ def prepare_output_dir(output_dir: str) -> None:
                      'choose another output_dir or remove that one')
   if os.path.exists(output_dir) and not os.path.isdir(output_dir):
     raise InputError(f"config field 'output_dir': {output_dir!r} exists and is not a directory")
-
-
-def write_resolved_config(config: config_dict.ConfigDict, output_dir: str, extra: dict) -> None:
-  if not metrics_lib.is_main_process():
-    return
-  os.makedirs(output_dir, exist_ok=True)
-  resolved = json.loads(config.to_json_best_effort())
-  resolved['resolved'] = extra
-  tmp = os.path.join(output_dir, 'config.json.tmp')
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(resolved, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(output_dir, 'config.json'))
 
 
 class TrainStep:
@@ -195,10 +188,138 @@ def _gib(n: int) -> str:
   return f'{n / 2**30:.3f} GiB' if n >= 2**27 else f'{n / 2**20:.2f} MiB'
 
 
+class Preempted(Exception):
+  """Training stopped on SIGTERM/SIGINT after saving a checkpoint; rerunning the command resumes it."""
+
+  def __init__(self, signum: int, step: int, where: str):
+    self.signum, self.step = signum, step
+    super().__init__(f'stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved in {where!r}; '
+                     'run the same command again to resume')
+
+
+class Preemption:
+  """SIGTERM / SIGINT → a checkpoint at the next step boundary, then a clean stop (TPU spot, SLURM, Ctrl-C).
+
+  One process: a Python handler notes the signal. Several processes must all save at the same step, so the
+  notice goes through jax's preemption sync service instead: `jax.distributed.initialize` installs its own
+  SIGTERM handler, the service propagates the notice to every process and agrees on the first step they can
+  all reach (`reached_preemption_sync_point`, called once per step on every process); SIGINT is forwarded to
+  it as a SIGTERM. A second SIGINT/SIGTERM stops the process at once.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._multi = jax.process_count() > 1
+    self._previous = {}
+    if threading.current_thread() is not threading.main_thread():
+      log('not on the main thread: SIGTERM/SIGINT will not save a checkpoint')
+      return
+    for signum in (signal.SIGINT,) if self._multi else (signal.SIGINT, signal.SIGTERM):
+      self._previous[signum] = signal.signal(signum, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    if self.signum is not None:  # The second signal: stop now.
+      raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+    self.signum = signum
+    log(f'{signal.Signals(signum).name}: saving a checkpoint at the next step boundary (again to stop at once)')
+    if self._multi:
+      os.kill(os.getpid(), signal.SIGTERM)  # To jax's preemption notifier, which tells the other processes.
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step` (all processes get the same answer at the same step)."""
+    if self._multi:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signum = self.signum or signal.SIGTERM
+        return True
+      return False
+    return self.signum is not None
+
+  def close(self) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+
+@dataclasses.dataclass
+class Resume:
+  """Where a run starts: step 0, or a checkpoint's step with the loop's saved state."""
+  step: int = 0
+  num_tokens: int = 0
+  log_window: list = dataclasses.field(default_factory=list)
+
+
+def resume_point(config: config_dict.ConfigDict) -> tuple[str, int] | None:
+  """(checkpoints root, step) to resume from: `resume_from_checkpoint`, else OUTPUT_DIR's newest complete one.
+
+  An output_dir that holds a run (metrics.jsonl) but no complete checkpoint is refused: starting over would
+  overwrite what is there.
+  """
+  if config.resume_from_checkpoint:
+    return checkpoint.locate(config.resume_from_checkpoint, field="config field 'resume_from_checkpoint'")
+  step = checkpoint.latest_step(config.output_dir)
+  if step is not None:
+    return checkpoint.root_of(config.output_dir), step
+  prepare_output_dir(config.output_dir)
+  return None
+
+
+def rewind_metrics(output_dir: str, step: int) -> None:
+  """Keeps metrics.jsonl's rows up to `step` (the resumed run writes the later ones again).
+
+  The rows removed (written after the checkpoint by the interrupted run) are kept in
+  metrics.before-resume-at-STEP.jsonl; nothing is lost.
+  """
+  path = os.path.join(output_dir, 'metrics.jsonl')
+  if not metrics_lib.is_main_process() or not os.path.isfile(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line).get('step', 0) <= step:
+        keep.append(line)
+    except ValueError:  # A line cut short by a kill: dropped from the rewound file, kept in the backup.
+      pass
+  if len(keep) == len(lines):
+    return
+  backup = os.path.join(output_dir, f'metrics.before-resume-at-{step}.jsonl')
+  n = 1
+  while os.path.exists(backup):
+    n += 1
+    backup = os.path.join(output_dir, f'metrics.before-resume-at-{step}.{n}.jsonl')
+  shutil.copyfile(path, backup)
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+  log(f'metrics.jsonl rewound to step {step} ({len(lines) - len(keep)} later rows kept in {backup})')
+
+
+def save_tokenizer(tokenizer, output_dir: str) -> None:
+  """OUTPUT_DIR/tokenizer: the training tokenizer, so an export needs nothing but the run directory."""
+  if not metrics_lib.is_main_process():
+    return
+  final = os.path.join(output_dir, export_lib.TOKENIZER_DIR)
+  tmp = final + '.tmp'
+  shutil.rmtree(tmp, ignore_errors=True)
+  tokenizer.save_pretrained(tmp)
+  if os.path.exists(final):
+    shutil.rmtree(final)
+  os.replace(tmp, final)
+
+
+def _resolved_config(config: config_dict.ConfigDict, extra: dict) -> dict:
+  resolved = json.loads(config.to_json_best_effort())
+  resolved['resolved'] = extra
+  return resolved
+
+
 def run(config: config_dict.ConfigDict) -> dict[str, Any]:
   """Trains per `config`; returns the final metrics row. Raises InputError for bad input."""
   config_lib.validate(config)
-  prepare_output_dir(config.output_dir)
+  start = resume_point(config)
 
   # Everything that can fail on user input happens before any device work.
   mesh = sharding.make_mesh(config.mesh)
@@ -209,6 +330,7 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
   if len(tokenizer) > model_cfg.vocab_size:
     raise InputError(f'the tokenizer has {len(tokenizer)} tokens but the model at {model_dir!r} '
                      f'embeds only {model_cfg.vocab_size}')
+  saved_meta = checkpoint.read_meta(*start) if start else None
   micro_batch_size = config.per_device_train_batch_size * jax.device_count()
   data = prepare.prepare(config, tokenizer, micro_batch_size=micro_batch_size,
                          eval_batch_size=config.per_device_eval_batch_size * jax.device_count(),
@@ -216,7 +338,7 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
   geometry = data.train.geometry
   warmup = optim.num_warmup_steps(geometry.total_steps, config.warmup_steps, config.warmup_ratio)
   tx, schedule = make_optimizer(config, geometry.total_steps)
-  write_resolved_config(config, config.output_dir, {
+  resolved = _resolved_config(config, {
       'num_devices': jax.device_count(), 'num_processes': jax.process_count(),
       'mesh': dict(mesh.shape), 'micro_batch_size': micro_batch_size,
       'global_batch_size': micro_batch_size * geometry.accumulation,
@@ -224,43 +346,110 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
       'warmup_steps': warmup, 'num_rows': len(data.train.index), 'num_examples': len(data.train.index.kept),
       'num_dropped': data.train.index.num_dropped, 'num_bad_rows_skipped': data.train.index.num_bad,
       'num_packed_rows': len(data.train.plan), 'packing_efficiency': data.train.plan.efficiency,
+      'data_fingerprint': index_lib.cache_key(data.train.steps.source, tokenizer, data.options),
       'model': dataclasses.asdict(model_cfg)})
+  if start:
+    where = os.path.join(*map(str, start))
+    for change in checkpoint.check_config(where, saved_meta['config'], resolved, config.resume_allow_changes):
+      log(f'resuming with a changed config field: {change}')
+    if saved_meta['step'] > geometry.total_steps:
+      raise InputError(f'cannot resume from {where!r}: it is at step {saved_meta["step"]}, past this run\'s '
+                       f'{geometry.total_steps} steps')
+  if metrics_lib.is_main_process():
+    os.makedirs(config.output_dir, exist_ok=True)
+    _write_json_atomically(os.path.join(config.output_dir, 'config.json'), resolved)
+    save_tokenizer(tokenizer, config.output_dir)
   log(f'training {geometry.total_steps} steps ({geometry.steps_per_epoch} per epoch) of '
       f'{geometry.accumulation} × {micro_batch_size} rows × {config.max_length} tokens on '
       f'{jax.device_count()} {jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}')
 
-  # Parameters carry logical axis names; until the logical → mesh rules exist (sharding issue) the model
-  # is built off-mesh and replicated explicitly.
-  state, shardings, graphdef, rest = init_state(config, model_dir, model_cfg, tx, mesh)
-  with jax.set_mesh(mesh):
-    num_params = sum(x.size for x in jax.tree.leaves(state['params']))
-    log(f'model: {hf_cfg.get("model_type")} with {num_params / 1e6:.2f}M parameters '
-        f'({"random init" if config.model_init == "random" else "from " + model_dir}), '
-        f'compute {model_cfg.dtype}, remat {model_cfg.remat}')
-    step_fn = TrainStep(graphdef, rest, tx, config.model.loss_chunk_size, state_shardings=shardings)
-    state, last_row = _train_loop(config, mesh, step_fn, state, data, schedule, model_cfg)
-    model = nnx.merge(graphdef, sharding.gather_to_host(state['params']), rest)
-    export_dir = export_hf(model, hf_cfg, tokenizer, model_dir, config.output_dir,
-                           dtype='bfloat16' if config.bf16 else 'float32')
-    log(f'exported the Hugging Face model to {export_dir}')
-    if config.accuracy_eval_problems > 0:
-      last_row.update(_accuracy_eval(config, model, tokenizer, geometry.total_steps))
+  if start:
+    state, shardings, graphdef, rest = restore_state(start, model_cfg, tx, mesh)
+    resume = Resume(step=saved_meta['step'], num_tokens=saved_meta['num_tokens'], log_window=saved_meta['log_window'])
+    rewind_metrics(config.output_dir, resume.step)
+    log(f'resumed from {where} at step {resume.step}')
+  else:
+    state, shardings, graphdef, rest = init_state(config, model_dir, model_cfg, tx, mesh)
+    resume = Resume()
+  meta = {'config': resolved, 'hf_config': hf_cfg, 'model_dir': model_dir,
+          'generation_config': export_lib.generation_config(model_dir, tokenizer),
+          'chat_template': tokenizer.chat_template, 'eos_token': tokenizer.eos_token,
+          'export_dtype': config_lib.export_dtype(config), 'rng': {'seed': config.seed}}
+  manager = checkpoint.Manager(checkpoint.root_of(config.output_dir), max_to_keep=config.save_total_limit)
+  try:
+    with jax.set_mesh(mesh):
+      num_params = sum(x.size for x in jax.tree.leaves(state['params']))
+      log(f'model: {hf_cfg.get("model_type")} with {num_params / 1e6:.2f}M parameters '
+          f'({"random init" if config.model_init == "random" else "from " + model_dir}), '
+          f'compute {model_cfg.dtype}, remat {model_cfg.remat}')
+      step_fn = TrainStep(graphdef, rest, tx, config.model.loss_chunk_size, state_shardings=shardings)
+      state, last_row = _train_loop(config, mesh, step_fn, state, data, schedule, model_cfg, manager, meta, resume)
+      model = nnx.merge(graphdef, sharding.gather_to_host(state['params']), rest)
+  finally:
+    manager.close()
+  export_dir = os.path.join(config.output_dir, 'hf')
+  if metrics_lib.is_main_process():
+    export_lib.write_hf_dir(model, hf_cfg, tokenizer, meta['generation_config'], export_dir,
+                            dtype=meta['export_dtype'])
+  log(f'exported the Hugging Face model to {export_dir}')
+  if config.accuracy_eval_problems > 0:
+    last_row.update(_accuracy_eval(config, model, tokenizer, geometry.total_steps))
   return last_row
 
 
-def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, schedule, model_cfg):
+def _write_json_atomically(path: str, obj) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def restore_state(start: tuple[str, int], model_cfg: transformer.ModelConfig, tx, mesh):
+  """The parameters and optimizer state of checkpoint `start`, placed by this mesh's rules (any mesh)."""
+  graphdef, abstract_params, shardings = state_shardings(model_cfg, tx, mesh, warn=log)
+  abstract_state = checkpoint.abstract({'params': abstract_params, 'opt_state': jax.eval_shape(tx.init, abstract_params)},
+                                       shardings)
+  _, _, rest = nnx.split(hf.abstract_model(model_cfg), nnx.Param, ...)
+  manager = checkpoint.Manager(start[0], read_only=True)
+  try:
+    state, _ = manager.restore(start[1], abstract_state)
+  finally:
+    manager.close()
+  log(f"memory per device: parameters {_gib(sharding.bytes_per_device(state['params']))}, optimizer state "
+      f"{_gib(sharding.bytes_per_device(state['opt_state']))} (mesh {dict(mesh.shape)})")
+  return state, shardings, graphdef, rest
+
+
+def _host_window(window) -> list:
+  """The logging window's per-micro-step sums as JSON floats (float32 values round-trip exactly)."""
+  return [[{k: float(v) for k, v in sums.items()} for sums in step_sums] for step_sums in jax.device_get(window)]
+
+
+def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, schedule, model_cfg,
+                manager: checkpoint.Manager, meta: dict, resume: Resume):
   geometry = data.train.geometry
-  loader = pipeline.Loader(data.train.steps, num_workers=config.dataloader_num_workers)
+  loader = pipeline.Loader(data.train.steps, start=resume.step, num_workers=config.dataloader_num_workers)
   eval_every = config_lib.eval_interval(config, geometry.total_steps) if config.eval_strategy == 'steps' else 0
   writer = metrics_lib.MetricsWriter(config.output_dir)
   throughput = metrics_lib.Throughput(model_cfg, config.max_length, jax.device_count())
-  bar = tqdm.tqdm(total=geometry.total_steps, disable=config.disable_tqdm or not metrics_lib.is_main_process(),
-                  dynamic_ncols=True, desc='train')
-  window_sums, last_row = [], {}  # The steps since the last logged row (for loss metrics).
+  bar = tqdm.tqdm(total=geometry.total_steps, initial=resume.step,
+                  disable=config.disable_tqdm or not metrics_lib.is_main_process(), dynamic_ncols=True, desc='train')
+  preemption = Preemption()
+  window_sums, last_row = list(resume.log_window), {}  # The steps since the last logged row (for loss metrics).
   timed_loss_tokens = timed_all_tokens = 0  # Tokens since throughput.reset() (for tokens/s and MFU).
-  num_tokens_total = 0
-  step = 0
+  num_tokens_total = resume.num_tokens
+  step = resume.step
+  saved_step = resume.step if resume.step else None
+  compiled = False
   t_start = time.perf_counter()
+
+  def save(step):
+    t0 = time.perf_counter()
+    manager.save(step, state, dict(meta, loader=loader.get_state(), num_tokens=num_tokens_total,
+                                   log_window=_host_window(window_sums)))
+    log(f'checkpoint {step}: saving in the background ({time.perf_counter() - t0:.2f}s blocking)')
+    return step
+
   try:
     for element in loader:
       step_tokens = element['num_targets']
@@ -268,8 +457,9 @@ def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, sch
       step_sums = []
       for batch in element['micro_batches']:
         global_batch = sharding.global_batch(mesh, batch)
-        if step == 0 and not step_sums:
+        if not compiled:
           step_fn.compile(state, global_batch, inv)
+          compiled = True
         state, sums = step_fn.step(state, global_batch, inv)
         step_sums.append(sums)
       step += 1
@@ -277,7 +467,7 @@ def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, sch
       timed_loss_tokens += step_tokens
       timed_all_tokens += element['num_input_tokens']
       window_sums.append(step_sums)
-      if step == 1:  # Compilation: timed on its own, kept out of tokens/s.
+      if step == resume.step + 1:  # Compilation: timed on its own, kept out of tokens/s.
         jax.block_until_ready(state)
         log(f'first step (compilation included) took {time.perf_counter() - t_start:.1f}s')
         throughput.reset()
@@ -302,7 +492,19 @@ def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, sch
         throughput.reset()  # Evaluation time is not training time.
         timed_loss_tokens = timed_all_tokens = 0
         last_row = {**last_row, **row}
+      preempted = preemption.reached(step)  # Every process asks at every step (the sync protocol needs it).
+      if preempted or epoch_end or (config.save_steps and step % config.save_steps == 0):
+        saved_step = save(step)
+      if preempted:
+        manager.wait()
+        raise Preempted(preemption.signum, step, os.path.join(manager.root, str(step)))
+    if saved_step != step:
+      saved_step = save(step)
+    manager.wait()
+    if manager.last_save.get('total_seconds') is not None:
+      log(f'checkpoint {saved_step} written ({manager.last_save["total_seconds"]:.2f}s from start to complete)')
   finally:
+    preemption.close()
     bar.close()
     writer.close()
   return state, last_row
@@ -362,34 +564,6 @@ def _fmt(v):
   if isinstance(v, float):
     return f'{v:.4g}'
   return str(v)
-
-
-def export_hf(model, hf_cfg: dict, tokenizer, model_dir: str, output_dir: str, *, dtype: str) -> str:
-  """OUTPUT_DIR/hf: safetensors + config + tokenizer + generation_config with the training eos.
-
-  Written to a temporary directory first and renamed, so a crash never leaves a half-written `hf/`.
-  """
-  final = os.path.join(output_dir, 'hf')
-  if not metrics_lib.is_main_process():
-    return final
-  tmp = final + '.tmp'
-  shutil.rmtree(tmp, ignore_errors=True)
-  hf.save_pretrained(model, hf_cfg, tmp, dtype=dtype)
-  tokenizer.save_pretrained(tmp)
-  generation = {}
-  source = os.path.join(model_dir, 'generation_config.json')
-  if os.path.isfile(source):
-    with open(source, encoding='utf-8') as f:
-      generation = json.load(f)
-  generation.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-  if tokenizer.bos_token_id is not None:
-    generation['bos_token_id'] = tokenizer.bos_token_id
-  with open(os.path.join(tmp, 'generation_config.json'), 'w', encoding='utf-8') as f:
-    json.dump(generation, f, indent=2, sort_keys=True)
-  if os.path.exists(final):
-    shutil.rmtree(final)
-  os.replace(tmp, final)
-  return final
 
 
 def _accuracy_eval(config, model, tokenizer, step: int) -> dict:

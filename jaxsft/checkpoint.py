@@ -1,0 +1,272 @@
+"""Orbax checkpoints of a run: OUTPUT_DIR/checkpoints/STEP/{state, meta}.
+
+`state` holds the parameters and the optimizer state (MultiSteps' accumulated gradients, Adam's moments and
+counters) as global arrays: every process writes the shards its devices hold (OCDBT), and restoring reads
+them into whatever shardings the restoring mesh asks for, so a checkpoint saved on fsdp=8 restores on
+fsdp=4 × tensor=2 or on one device. `meta` is one JSON object, written by process 0: the step, the data
+loader's state (`{'step': n}`, independent of the process and worker count), the cumulative token count and
+the unlogged loss sums of the current logging window (so a resumed run logs exactly what an uninterrupted
+one would), the run's randomness (the seed: data order and initialisation are functions of it; the step
+itself draws no random numbers), the data fingerprint, the Hugging Face model config, the chat template and
+eos token (so `python -m jaxsft.export` needs nothing but the checkpoint) and the resolved run config.
+
+Saving is asynchronous: `save` returns once the arrays are copied to host memory and the files are written
+in the background while training continues. Orbax writes each checkpoint to `STEP.orbax-checkpoint-tmp`
+and renames it when complete, waits for the previous save before starting the next, and deletes checkpoints
+beyond `save_total_limit` only after a newer one is complete. A process killed mid-save leaves only the
+temporary directory, which is never read and is removed when the next manager opens the directory.
+"""
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxsft.errors import InputError
+
+CHECKPOINTS = 'checkpoints'
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+  """A save that failed (full disk, lost filesystem): the run stops, earlier checkpoints are intact."""
+
+
+def root_of(output_dir: str) -> str:
+  return os.path.join(output_dir, CHECKPOINTS)
+
+
+def _complete_steps(root: str) -> list[int]:
+  """Steps of the complete checkpoints under `root` (a temporary, unfinished one has a suffix)."""
+  if not os.path.isdir(root):
+    return []
+  steps = []
+  for name in os.listdir(root):
+    path = os.path.join(root, name)
+    if name.isdigit() and os.path.isdir(os.path.join(path, 'state')) and os.path.isdir(os.path.join(path, 'meta')):
+      steps.append(int(name))
+  return sorted(steps)
+
+
+def latest_step(output_dir: str) -> int | None:
+  steps = _complete_steps(root_of(output_dir))
+  return steps[-1] if steps else None
+
+
+def locate(path: str, *, field: str = 'checkpoint') -> tuple[str, int]:
+  """(checkpoints root, step) for OUTPUT_DIR, OUTPUT_DIR/checkpoints or OUTPUT_DIR/checkpoints/STEP."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise InputError(f'{field}: no such directory {path!r}')
+  name = os.path.basename(path)
+  if name.isdigit() and os.path.isdir(os.path.dirname(path)):
+    root, step = os.path.dirname(path), int(name)
+    if step not in _complete_steps(root):
+      raise InputError(f'{field}: {path!r} is not a complete jaxsft checkpoint (no state/ and meta/ in it)')
+    return root, step
+  root = path if name == CHECKPOINTS else root_of(path)
+  steps = _complete_steps(root)
+  if not steps:
+    raise InputError(f'{field}: no complete checkpoint in {root!r}')
+  return root, steps[-1]
+
+
+def read_meta(root: str, step: int) -> dict:
+  path = os.path.join(root, str(step), 'meta', 'metadata')
+  try:
+    with open(path, encoding='utf-8') as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise InputError(f'checkpoint {os.path.join(root, str(step))!r}: cannot read its meta ({e})') from None
+  if meta.get('format') != FORMAT:
+    raise InputError(f'checkpoint {os.path.join(root, str(step))!r}: format {meta.get("format")!r}, '
+                     f'this jaxsft reads format {FORMAT}')
+  return meta
+
+
+def abstract(arrays, shardings=None):
+  """ShapeDtypeStructs (with the given shardings, else the arrays' own) to restore into."""
+  if shardings is None:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), arrays)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), arrays, shardings)
+
+
+def _flat(tree) -> dict[str, Any]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path, simple=True, separator='.'): leaf for path, leaf in leaves}
+
+
+def check_compatible(where: str, saved_tree, target_tree) -> None:
+  """Raises InputError naming the first array whose name, shape or dtype differs (another model's checkpoint)."""
+  saved, target = _flat(saved_tree), _flat(target_tree)
+  missing = sorted(set(target) - set(saved))
+  extra = sorted(set(saved) - set(target))
+  if missing or extra:
+    what = f'lacks {missing[0]!r}' if missing else f'has {extra[0]!r}, which this model does not'
+    raise InputError(f'checkpoint {where!r} does not fit this model: it {what} '
+                     f'({len(missing)} arrays missing, {len(extra)} unexpected)')
+  for name, want in target.items():
+    got = saved[name]
+    if tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
+      raise InputError(f'checkpoint {where!r} does not fit this model: {name!r} is '
+                       f'{np.dtype(got.dtype).name}{list(got.shape)} there, {np.dtype(want.dtype).name}'
+                       f'{list(want.shape)} here')
+
+
+class Manager:
+  """Saves and restores the checkpoints of one run directory (every process calls every method)."""
+
+  def __init__(self, root: str, *, max_to_keep: int | None = None, read_only: bool = False):
+    self.root = root
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=not read_only, create=not read_only,
+        read_only=read_only, cleanup_tmp_directories=not read_only)
+    handlers = {'state': ocp.PyTreeCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+    self._manager = ocp.CheckpointManager(os.path.abspath(root), options=options, item_handlers=handlers)
+    self._pending = None  # (step, time the save started) of the save being written in the background.
+    self.last_save = {}  # Timings of the last save: 'blocking_seconds', 'total_seconds' once known.
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: dict, meta: dict) -> None:
+    """Starts writing checkpoint `step` (after the previous one completes); raises CheckpointError if that failed."""
+    self._finish_pending()
+    meta = dict(meta, format=FORMAT, step=step, saved_at=time.time())
+    t0 = time.perf_counter()
+    try:
+      self._manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds; all mean "not saved")
+      raise CheckpointError(f'saving checkpoint {step} to {self.root!r} failed: {_one_line(e)}') from e
+    self._pending = (step, t0)
+    self.last_save = {'step': step, 'blocking_seconds': time.perf_counter() - t0}
+
+  def wait(self) -> None:
+    """Blocks until the background write is complete; raises CheckpointError if it failed."""
+    self._finish_pending()
+
+  def _finish_pending(self) -> None:
+    if self._pending is None:
+      return
+    step, t0 = self._pending
+    self._pending = None
+    try:
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'writing checkpoint {step} to {self.root!r} failed: {_one_line(e)}') from e
+    if step not in self._manager.all_steps():  # Some failures surface only as a missing step.
+      raise CheckpointError(f'writing checkpoint {step} to {self.root!r} failed: it is not in the directory')
+    self.last_save['total_seconds'] = time.perf_counter() - t0
+
+  def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
+    """(state, meta) of checkpoint `step`, its arrays placed per `abstract_state`'s shardings."""
+    where = os.path.join(self.root, str(step))
+    meta = read_meta(self.root, step)
+    saved = self._manager.item_metadata(step)['state']
+    check_compatible(where, _tree(saved), abstract_state)
+    restored = self._manager.restore(step, args=ocp.args.Composite(state=_restore_args(abstract_state)))
+    return restored['state'], meta
+
+  def restore_params(self, step: int, abstract_params) -> Any:
+    """The parameters alone (an export needs no optimizer state: a third of the bytes)."""
+    where = os.path.join(self.root, str(step))
+    saved = self._manager.item_metadata(step)['state']
+    check_compatible(where, _tree(saved)['params'], abstract_params)
+    args = _restore_args({'params': abstract_params}, partial=True)
+    return self._manager.restore(step, args=ocp.args.Composite(state=args))['state']['params']
+
+  def close(self) -> None:
+    """Waits for the background write (raising if it failed) and releases the manager."""
+    try:
+      self._finish_pending()
+    finally:
+      self._manager.close()
+
+
+def _restore_args(item, *, partial: bool = False):
+  return ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                partial_restore=partial)
+
+
+def _tree(metadata):
+  return metadata.tree if hasattr(metadata, 'tree') else metadata
+
+
+def _one_line(e: BaseException) -> str:
+  text = ' '.join(str(e).split())
+  return f'{type(e).__name__}: {text[:300]}' if text else type(e).__name__
+
+
+# Config fields that do not change what is computed: a resumed run may change them freely. Every other field
+# (model, data, optimizer, schedule, batch, precision, seed) must equal the checkpoint's unless named in
+# `resume_allow_changes`.
+HARMLESS_FIELDS = frozenset({
+    'output_dir', 'resume_from_checkpoint', 'resume_allow_changes', 'logging_steps', 'disable_tqdm',
+    'report_to', 'save_steps', 'save_total_limit', 'eval_strategy', 'eval_steps', 'per_device_eval_batch_size',
+    'dataset_num_proc', 'dataloader_num_workers', 'dataset_cache_dir', 'accuracy_eval_problems',
+    'accuracy_eval_max_new_tokens', 'export_dtype', 'mesh.data', 'mesh.fsdp', 'mesh.tensor', 'model.remat',
+    'gradient_checkpointing', 'model.loss_chunk_size', 'model.attention_impl',
+    # The batch per step is checked as a whole ('global_batch_size'): how it splits into devices and
+    # micro-batches does not change the step (the loss is normalised by the step's token count).
+    'per_device_train_batch_size', 'gradient_accumulation_steps',
+})
+
+
+def _flatten_config(config: dict, prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in config.items():
+    if key == 'resolved':
+      continue
+    if isinstance(value, dict) and key in ('mesh', 'model'):
+      flat.update(_flatten_config(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+  """{field: (checkpoint value, current value)} for the fields that change the math of the run.
+
+  `saved` and `current` are resolved configs (config.json's content), with 'resolved' holding the derived
+  'global_batch_size' and 'data_fingerprint', which are compared too.
+  """
+  a, b = _flatten_config(saved), _flatten_config(current)
+  for derived in ('global_batch_size', 'data_fingerprint'):
+    a[derived] = saved.get('resolved', {}).get(derived)
+    b[derived] = current.get('resolved', {}).get(derived)
+  changes = {}
+  for key in sorted(set(a) | set(b)):
+    if key not in HARMLESS_FIELDS and a.get(key) != b.get(key):
+      changes[key] = (a.get(key), b.get(key))
+  return changes
+
+
+def check_config(where: str, saved: dict, current: dict, allow: str | None) -> list[str]:
+  """Raises InputError naming the math-changing fields that differ from the checkpoint's, unless allowed.
+
+  Returns the allowed changes (for the log).
+  """
+  allowed = {f.strip() for f in (allow or '').split(',') if f.strip()}
+  changes = config_changes(saved, current)
+  refused = {k: v for k, v in changes.items() if k not in allowed and 'all' not in allowed}
+  if refused:
+    listed = ', '.join(f'{k} ({_short(a)} -> {_short(b)})' for k, (a, b) in refused.items())
+    raise InputError(f'cannot resume from {where!r}: config fields that change the training differ from the '
+                     f'checkpoint: {listed}; set --config.resume_allow_changes={",".join(refused)} to resume anyway')
+  return [f'{k} ({_short(a)} -> {_short(b)})' for k, (a, b) in changes.items()]
+
+
+def _short(value) -> str:
+  text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else repr(value)
+  return text if len(text) <= 60 else text[:57] + '...'
+
+
+def abstract_host(arrays):
+  """ShapeDtypeStructs without shardings: orbax restores them as host numpy arrays (no device memory)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), arrays)

@@ -1,0 +1,126 @@
+"""Hugging Face export: python -m jaxsft.export --checkpoint DIR --out HF_DIR [--dtype bfloat16|float32].
+
+DIR is a run's OUTPUT_DIR (its newest complete checkpoint), OUTPUT_DIR/checkpoints or
+OUTPUT_DIR/checkpoints/STEP. HF_DIR receives what `transformers.AutoModelForCausalLM.from_pretrained` and vLLM
+load: safetensors weights (one file, or shards of at most `--max_shard_size` with an index), `config.json`,
+the tokenizer files with the training chat template and eos token, and `generation_config.json` whose
+`eos_token_id` is the tokenizer's (open-r1 PR #663: a mismatch makes generation never stop). The dtype
+defaults to the run's (`export_dtype`, else bfloat16 for a bf16 run, float32 otherwise).
+
+The export reads only the parameters of the checkpoint, as host numpy arrays (no accelerator needed, and a
+third of the checkpoint's bytes), and writes to `HF_DIR.tmp` renamed to HF_DIR when complete, so a failed
+export never leaves a half-written directory and never damages an earlier one until the new one is whole.
+Training runs this same code at the end, into OUTPUT_DIR/hf.
+"""
+
+import json
+import os
+import shutil
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from flax import nnx
+
+from jaxsft import checkpoint
+from jaxsft.errors import InputError
+from jaxsft.models import hf
+
+TOKENIZER_DIR = 'tokenizer'  # OUTPUT_DIR/tokenizer: the training tokenizer, overrides applied.
+
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'OUTPUT_DIR, OUTPUT_DIR/checkpoints or OUTPUT_DIR/checkpoints/STEP.')
+_OUT = flags.DEFINE_string('out', None, 'The Hugging Face directory to write.')
+_DTYPE = flags.DEFINE_enum('dtype', None, ['bfloat16', 'float32'], "Weights' dtype (default: the run's export dtype).")
+_MAX_SHARD_SIZE = flags.DEFINE_integer('max_shard_size', 5 * 2**30, 'Bytes per safetensors shard.')
+
+
+def generation_config(model_dir: str, tokenizer) -> dict:
+  """The model's generation_config.json (if any), with the tokenizer's eos, pad and bos ids."""
+  generation = {}
+  source = os.path.join(model_dir, 'generation_config.json')
+  if os.path.isfile(source):
+    with open(source, encoding='utf-8') as f:
+      generation = json.load(f)
+  generation.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+  if tokenizer.bos_token_id is not None:
+    generation['bos_token_id'] = tokenizer.bos_token_id
+  return generation
+
+
+def write_hf_dir(model, hf_cfg: dict, tokenizer, generation: dict, out_dir: str, *, dtype: str,
+                 max_shard_bytes: int = 5 * 2**30) -> str:
+  """Writes weights, config, tokenizer and generation config to `out_dir` via `out_dir.tmp` and a rename."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise InputError(f'export: {out_dir!r} exists and is not a directory')
+  tmp = out_dir + '.tmp'
+  shutil.rmtree(tmp, ignore_errors=True)
+  hf.save_pretrained(model, hf_cfg, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
+  tokenizer.save_pretrained(tmp)
+  with open(os.path.join(tmp, 'generation_config.json'), 'w', encoding='utf-8') as f:
+    json.dump(generation, f, indent=2, sort_keys=True)
+  if os.path.exists(out_dir):
+    old = out_dir + '.old'
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old)
+  else:
+    os.replace(tmp, out_dir)
+  return out_dir
+
+
+def load_checkpoint_tokenizer(root: str, meta: dict):
+  """The tokenizer the run trained with: OUTPUT_DIR/tokenizer, else rebuilt from the run's config."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  saved = os.path.join(os.path.dirname(os.path.abspath(root)), TOKENIZER_DIR)
+  if os.path.isfile(os.path.join(saved, 'tokenizer_config.json')):
+    return transformers.AutoTokenizer.from_pretrained(saved)
+  from ml_collections import config_dict  # pylint: disable=import-outside-toplevel
+  from jaxsft import trainer  # pylint: disable=import-outside-toplevel
+  config = config_dict.ConfigDict({k: v for k, v in meta['config'].items() if k != 'resolved'})
+  config.chat_template = meta.get('chat_template') or config.get('chat_template')
+  return trainer.load_tokenizer(config, meta['model_dir'])
+
+
+def export_checkpoint(checkpoint_path: str, out_dir: str, *, dtype: str | None = None,
+                      max_shard_bytes: int = 5 * 2**30) -> str:
+  """Exports checkpoint `checkpoint_path` (see the module docstring) to `out_dir`; returns `out_dir`."""
+  root, step = checkpoint.locate(checkpoint_path, field='--checkpoint')
+  meta = checkpoint.read_meta(root, step)
+  hf_cfg = meta['hf_config']
+  cfg = hf.model_config_from_hf(hf_cfg, dtype='float32', param_dtype='float32')
+  graphdef, abstract_params, rest = nnx.split(hf.abstract_model(cfg), nnx.Param, ...)
+  # ShapeDtypeStructs without a sharding restore as host numpy arrays.
+  manager = checkpoint.Manager(root, read_only=True)
+  try:
+    params = manager.restore_params(step, checkpoint.abstract_host(abstract_params))
+  finally:
+    manager.close()
+  model = nnx.merge(graphdef, params, rest)
+  tokenizer = load_checkpoint_tokenizer(root, meta)
+  return write_hf_dir(model, hf_cfg, tokenizer, meta['generation_config'], out_dir,
+                      dtype=dtype or meta['export_dtype'], max_shard_bytes=max_shard_bytes)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not _CHECKPOINT.value or not _OUT.value:
+    _fail('--checkpoint and --out are required, e.g. --checkpoint runs/tiny --out runs/tiny-hf')
+  logging.set_verbosity(logging.ERROR)  # Orbax logs every restore step (INFO) and read-only opens (WARNING).
+  try:
+    out = export_checkpoint(_CHECKPOINT.value, _OUT.value, dtype=_DTYPE.value, max_shard_bytes=_MAX_SHARD_SIZE.value)
+  except InputError as e:
+    _fail(str(e))
+  print(f'exported {_CHECKPOINT.value} to {out}', file=sys.stderr)
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)
