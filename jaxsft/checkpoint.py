@@ -109,8 +109,8 @@ def check_compatible(where: str, saved_tree, target_tree) -> None:
     what = f'lacks {missing[0]!r}' if missing else f'has {extra[0]!r}, which this model does not'
     raise InputError(f'checkpoint {where!r} does not fit this model: it {what} '
                      f'({len(missing)} arrays missing, {len(extra)} unexpected)')
-  for name, want in target.items():
-    got = saved[name]
+  for name in sorted(target, key=lambda n: (not n.startswith('params.'), n)):  # Parameters first: clearer.
+    got, want = saved[name], target[name]
     if tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
       raise InputError(f'checkpoint {where!r} does not fit this model: {name!r} is '
                        f'{np.dtype(got.dtype).name}{list(got.shape)} there, {np.dtype(want.dtype).name}'
@@ -200,7 +200,9 @@ def _tree(metadata):
 
 def _one_line(e: BaseException) -> str:
   text = ' '.join(str(e).split())
-  return f'{type(e).__name__}: {text[:300]}' if text else type(e).__name__
+  if len(text) > 500:  # Long tensorstore messages put the cause (e.g. "No space left on device") at the end.
+    text = text[:240] + ' ... ' + text[-240:]
+  return f'{type(e).__name__}: {text}' if text else type(e).__name__
 
 
 # Config fields that do not change what is computed: a resumed run may change them freely. Every other field

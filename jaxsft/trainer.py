@@ -346,7 +346,7 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
       'warmup_steps': warmup, 'num_rows': len(data.train.index), 'num_examples': len(data.train.index.kept),
       'num_dropped': data.train.index.num_dropped, 'num_bad_rows_skipped': data.train.index.num_bad,
       'num_packed_rows': len(data.train.plan), 'packing_efficiency': data.train.plan.efficiency,
-      'data_fingerprint': index_lib.cache_key(data.train.steps.source, tokenizer, data.options),
+      'data_fingerprint': index_lib.data_fingerprint(data.train.steps.source, tokenizer),
       'model': dataclasses.asdict(model_cfg)})
   if start:
     where = os.path.join(*map(str, start))
@@ -355,10 +355,6 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
     if saved_meta['step'] > geometry.total_steps:
       raise InputError(f'cannot resume from {where!r}: it is at step {saved_meta["step"]}, past this run\'s '
                        f'{geometry.total_steps} steps')
-  if metrics_lib.is_main_process():
-    os.makedirs(config.output_dir, exist_ok=True)
-    _write_json_atomically(os.path.join(config.output_dir, 'config.json'), resolved)
-    save_tokenizer(tokenizer, config.output_dir)
   log(f'training {geometry.total_steps} steps ({geometry.steps_per_epoch} per epoch) of '
       f'{geometry.accumulation} × {micro_batch_size} rows × {config.max_length} tokens on '
       f'{jax.device_count()} {jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}')
@@ -366,11 +362,17 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
   if start:
     state, shardings, graphdef, rest = restore_state(start, model_cfg, tx, mesh)
     resume = Resume(step=saved_meta['step'], num_tokens=saved_meta['num_tokens'], log_window=saved_meta['log_window'])
-    rewind_metrics(config.output_dir, resume.step)
-    log(f'resumed from {where} at step {resume.step}')
   else:
     state, shardings, graphdef, rest = init_state(config, model_dir, model_cfg, tx, mesh)
     resume = Resume()
+  # Written only now: a run that failed on its input (incompatible checkpoint, bad weights) changed nothing.
+  if metrics_lib.is_main_process():
+    os.makedirs(config.output_dir, exist_ok=True)
+    _write_json_atomically(os.path.join(config.output_dir, 'config.json'), resolved)
+    save_tokenizer(tokenizer, config.output_dir)
+  if start:
+    rewind_metrics(config.output_dir, resume.step)
+    log(f'resumed from {where} at step {resume.step}')
   meta = {'config': resolved, 'hf_config': hf_cfg, 'model_dir': model_dir,
           'generation_config': export_lib.generation_config(model_dir, tokenizer),
           'chat_template': tokenizer.chat_template, 'eos_token': tokenizer.eos_token,

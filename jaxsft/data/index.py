@@ -216,6 +216,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
   return h.hexdigest()
 
 
+def data_fingerprint(source, tokenizer) -> str:
+  """The rows and the tokenizer, without the tokenization options (a resumed run compares it to refuse changed data)."""
+  payload = json.dumps({'data': source.fingerprint(), 'tokenizer': tokenizer_fingerprint(tokenizer)}, sort_keys=True)
+  return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
 def cache_key(source, tokenizer, options: Options) -> str:
   payload = json.dumps({'version': INDEX_VERSION, 'data': source.fingerprint(),
                         'tokenizer': tokenizer_fingerprint(tokenizer), 'options': dataclasses.asdict(options)},

@@ -1,0 +1,132 @@
+"""Checkpoint save time, and how much of it training hides (Orbax asynchronous saves).
+
+Usage (from the repository root):
+
+  python benchmarks/checkpoint_overlap.py                     # the tiny default model (configs/tiny.py)
+  python benchmarks/checkpoint_overlap.py --hidden-size 512 --layers 8 --intermediate-size 1536
+
+The model is configs/tiny.py's Qwen2 architecture (optionally widened), random weights, float32, the
+trainer's own state (parameters + MultiSteps/AdamW state), train step and checkpoint manager; batches are
+random tokens (what a step computes does not depend on what they say). Measured, after compilation:
+
+* train: N optimizer steps without saving.
+* sync save: one checkpoint written start to finish while nothing else runs (save + wait), the mean of a
+  few: what a synchronous checkpoint would cost the loop.
+* blocking: the time `save` holds the loop (device→host copy and starting the write), per save, once the
+  step that produced the state has finished.
+* async: the same N steps saving every K steps (the trainer's path), plus the wait for the last write.
+* overhead per save = (async - train) / saves; hidden = 1 - overhead / sync save.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--steps', type=int, default=60, help='optimizer steps per timed loop')
+  parser.add_argument('--save-every', type=int, default=10, help='steps between checkpoints in the async loop')
+  parser.add_argument('--batch', type=int, default=32, help='rows per step')
+  parser.add_argument('--length', type=int, default=128, help='tokens per row')
+  parser.add_argument('--hidden-size', type=int, default=None, help='widen the tiny model (default: as shipped)')
+  parser.add_argument('--intermediate-size', type=int, default=None)
+  parser.add_argument('--layers', type=int, default=None)
+  parser.add_argument('--workdir', default=None, help='where checkpoints are written (default: a temp dir)')
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  from jaxsft import checkpoint, sharding, trainer  # pylint: disable=import-outside-toplevel
+  from jaxsft.models import hf  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
+  import tiny  # pylint: disable=import-outside-toplevel
+
+  logging.set_verbosity(logging.ERROR)
+  config = tiny.get_config()
+  hf_cfg = dict(hf.read_hf_config(config.model_name_or_path))
+  for key, value in (('hidden_size', args.hidden_size), ('intermediate_size', args.intermediate_size),
+                     ('num_hidden_layers', args.layers)):
+    if value:
+      hf_cfg[key] = value
+  model_cfg = trainer.model_config(config, hf_cfg)
+  mesh = sharding.make_mesh(config.mesh)
+  tx, _ = trainer.make_optimizer(config, total_steps=10 * args.steps)
+  state, shardings, graphdef, rest = trainer.init_state(config, config.model_name_or_path, model_cfg, tx, mesh)
+  num_params = sum(x.size for x in jax.tree.leaves(state['params']))
+  rng = np.random.default_rng(0)
+  local = {'input_ids': rng.integers(0, model_cfg.vocab_size, (args.batch, args.length), dtype=np.int32),
+           'positions': np.tile(np.arange(args.length, dtype=np.int32), (args.batch, 1)),
+           'segment_ids': np.ones((args.batch, args.length), np.int32),
+           'loss_mask': np.ones((args.batch, args.length), np.int32)}
+  work = args.workdir or tempfile.mkdtemp(prefix='jaxsft-ckpt-bench-')
+  with jax.set_mesh(mesh):
+    batch = sharding.global_batch(mesh, local)
+    inv = jnp.float32(1.0 / (args.batch * (args.length - 1)))
+    step_fn = trainer.TrainStep(graphdef, rest, tx, config.model.loss_chunk_size, state_shardings=shardings)
+    step_fn.compile(state, batch, inv)
+
+    def train(n, state, manager=None, every=0, at=0):
+      blocking = []
+      for i in range(n):
+        state, _ = step_fn.step(state, batch, inv)
+        if manager is not None and (i + 1) % every == 0:
+          jax.block_until_ready(state)  # A save waits for the step that produces it: not the save's time.
+          t0 = time.perf_counter()
+          manager.save(at + i + 1, state, {'bench': True})
+          blocking.append(time.perf_counter() - t0)
+      jax.block_until_ready(state)
+      return state, blocking
+
+    state, _ = train(5, state)  # Warm up.
+    t0 = time.perf_counter()
+    state, _ = train(args.steps, state)
+    t_train = time.perf_counter() - t0
+
+    manager = checkpoint.Manager(os.path.join(work, 'sync'))
+    sync = []
+    for k in range(3):
+      t0 = time.perf_counter()
+      manager.save(k + 1, state, {'bench': True})
+      manager.wait()
+      sync.append(time.perf_counter() - t0)
+    manager.close()
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(work, 'sync', '3'))
+               for f in fs)
+
+    manager = checkpoint.Manager(os.path.join(work, 'async'))
+    t0 = time.perf_counter()
+    state, blocking = train(args.steps, state, manager, args.save_every, at=100)
+    manager.wait()
+    t_async = time.perf_counter() - t0
+    manager.close()
+  if not args.workdir:
+    shutil.rmtree(work, ignore_errors=True)
+
+  saves = len(blocking)
+  sync_save = statistics.median(sync)
+  overhead = (t_async - t_train) / saves
+  print(f'model: {num_params / 1e6:.2f}M parameters (hidden {model_cfg.hidden_size}, {model_cfg.num_layers} layers), '
+        f'checkpoint {size / 2**20:.1f} MiB; {args.steps} steps of {args.batch} × {args.length} tokens on '
+        f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
+  print(f'train, no saves           {t_train:8.3f} s  ({t_train / args.steps * 1e3:.1f} ms/step)')
+  print(f'sync save (save + wait)   {sync_save:8.3f} s  per checkpoint (median of {len(sync)})')
+  print(f'blocking part of a save   {statistics.median(blocking):8.3f} s  per checkpoint (median of {saves})')
+  print(f'train, async save every {args.save_every:<3d}{t_async:7.3f} s  ({saves} saves, last one waited for)')
+  print(f'overhead per async save   {overhead:8.3f} s  = {overhead / sync_save:.0%} of a sync save; '
+        f'hidden by training: {1 - overhead / sync_save:.0%}')
+
+
+if __name__ == '__main__':
+  main()
