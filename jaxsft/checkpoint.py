@@ -63,6 +63,8 @@ def locate(path: str, *, field: str = 'checkpoint') -> tuple[str, int]:
   if not os.path.isdir(path):
     raise InputError(f'{field}: no such directory {path!r}')
   name = os.path.basename(path)
+  if '.orbax-checkpoint-tmp' in name:
+    raise InputError(f'{field}: {path!r} is an unfinished checkpoint (a save that did not complete)')
   if name.isdigit() and os.path.isdir(os.path.dirname(path)):
     root, step = os.path.dirname(path), int(name)
     if step not in _complete_steps(root):

@@ -29,11 +29,6 @@ from jaxsft.models import hf
 
 TOKENIZER_DIR = 'tokenizer'  # OUTPUT_DIR/tokenizer: the training tokenizer, overrides applied.
 
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'OUTPUT_DIR, OUTPUT_DIR/checkpoints or OUTPUT_DIR/checkpoints/STEP.')
-_OUT = flags.DEFINE_string('out', None, 'The Hugging Face directory to write.')
-_DTYPE = flags.DEFINE_enum('dtype', None, ['bfloat16', 'float32'], "Weights' dtype (default: the run's export dtype).")
-_MAX_SHARD_SIZE = flags.DEFINE_integer('max_shard_size', 5 * 2**30, 'Bytes per safetensors shard.')
-
 
 def generation_config(model_dir: str, tokenizer) -> dict:
   """The model's generation_config.json (if any), with the tokenizer's eos, pad and bos ids."""
@@ -54,14 +49,19 @@ def write_hf_dir(model, hf_cfg: dict, tokenizer, generation: dict, out_dir: str,
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise InputError(f'export: {out_dir!r} exists and is not a directory')
-  tmp = out_dir + '.tmp'
+  tmp, old = out_dir + '.tmp', out_dir + '.old'
+  if not os.path.exists(out_dir) and os.path.isdir(old):  # A crash between the two renames below: undo it.
+    os.replace(old, out_dir)
   shutil.rmtree(tmp, ignore_errors=True)
-  hf.save_pretrained(model, hf_cfg, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
-  tokenizer.save_pretrained(tmp)
-  with open(os.path.join(tmp, 'generation_config.json'), 'w', encoding='utf-8') as f:
-    json.dump(generation, f, indent=2, sort_keys=True)
+  try:
+    hf.save_pretrained(model, hf_cfg, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, 'generation_config.json'), 'w', encoding='utf-8') as f:
+      json.dump(generation, f, indent=2, sort_keys=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   if os.path.exists(out_dir):
-    old = out_dir + '.old'
     shutil.rmtree(old, ignore_errors=True)
     os.replace(out_dir, old)
     os.replace(tmp, out_dir)
@@ -117,10 +117,26 @@ def main(argv):
   print(f'exported {_CHECKPOINT.value} to {out}', file=sys.stderr)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # A bad --dtype or --max_shard_size: one line, not absl's usage text.
+    _fail(str(e).splitlines()[0])
+
+
 def _fail(message: str) -> None:
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  # The flags exist only when this file is the program: jaxsft.trainer imports jaxsft.export (and the export
+  # imports jaxsft.trainer to rebuild a tokenizer), which must neither define them a second time
+  # (DuplicateFlagError) nor add them to `python -m jaxsft.train`'s command line.
+  _CHECKPOINT = flags.DEFINE_string('checkpoint', None,
+                                    'OUTPUT_DIR, OUTPUT_DIR/checkpoints or OUTPUT_DIR/checkpoints/STEP.')
+  _OUT = flags.DEFINE_string('out', None, 'The Hugging Face directory to write.')
+  _DTYPE = flags.DEFINE_enum('dtype', None, ['bfloat16', 'float32'],
+                             "Weights' dtype (default: the run's export dtype).")
+  _MAX_SHARD_SIZE = flags.DEFINE_integer('max_shard_size', 5 * 2**30, 'Bytes per safetensors shard.')
+  app.run(main, flags_parser=_parse_flags)
