@@ -84,21 +84,25 @@ def load_checkpoint_tokenizer(root: str, meta: dict):
   return trainer.load_tokenizer(config, meta['model_dir'])
 
 
+def load_checkpoint_model(root: str, step: int, hf_cfg: dict):
+  """The float32 model with checkpoint `step`'s parameters, on the host (no optimizer state is read)."""
+  cfg = hf.model_config_from_hf(hf_cfg, dtype='float32', param_dtype='float32')
+  graphdef, abstract_params, rest = nnx.split(hf.abstract_model(cfg), nnx.Param, ...)
+  manager = checkpoint.Manager(root, read_only=True)
+  try:  # ShapeDtypeStructs without a sharding restore as host numpy arrays.
+    params = manager.restore_params(step, checkpoint.abstract_host(abstract_params))
+  finally:
+    manager.close()
+  return nnx.merge(graphdef, params, rest)
+
+
 def export_checkpoint(checkpoint_path: str, out_dir: str, *, dtype: str | None = None,
                       max_shard_bytes: int = 5 * 2**30) -> str:
   """Exports checkpoint `checkpoint_path` (see the module docstring) to `out_dir`; returns `out_dir`."""
   root, step = checkpoint.locate(checkpoint_path, field='--checkpoint')
   meta = checkpoint.read_meta(root, step)
   hf_cfg = meta['hf_config']
-  cfg = hf.model_config_from_hf(hf_cfg, dtype='float32', param_dtype='float32')
-  graphdef, abstract_params, rest = nnx.split(hf.abstract_model(cfg), nnx.Param, ...)
-  # ShapeDtypeStructs without a sharding restore as host numpy arrays.
-  manager = checkpoint.Manager(root, read_only=True)
-  try:
-    params = manager.restore_params(step, checkpoint.abstract_host(abstract_params))
-  finally:
-    manager.close()
-  model = nnx.merge(graphdef, params, rest)
+  model = load_checkpoint_model(root, step, hf_cfg)
   tokenizer = load_checkpoint_tokenizer(root, meta)
   return write_hf_dir(model, hf_cfg, tokenizer, meta['generation_config'], out_dir,
                       dtype=dtype or meta['export_dtype'], max_shard_bytes=max_shard_bytes)

@@ -119,14 +119,7 @@ def _header_dtypes(directory) -> set[str]:
 def _checkpoint_model(output_dir):
   """jaxsft's float32 model with the parameters of OUTPUT_DIR's newest checkpoint (Manager.restore_params)."""
   root, step = checkpoint.locate(str(output_dir))
-  cfg = hf.model_config_from_hf(checkpoint.read_meta(root, step)['hf_config'])
-  graphdef, abstract_params, rest = nnx.split(hf.abstract_model(cfg), nnx.Param, ...)
-  manager = checkpoint.Manager(root, read_only=True)
-  try:
-    params = manager.restore_params(step, checkpoint.abstract_host(abstract_params))
-  finally:
-    manager.close()
-  return nnx.merge(graphdef, params, rest)
+  return export.load_checkpoint_model(root, step, checkpoint.read_meta(root, step)['hf_config'])
 
 
 def _chat_batch(tokenizer, data_file: str, *, length: int = 48, pad: int = 11):
