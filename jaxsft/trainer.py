@@ -204,7 +204,9 @@ class Preemption:
   notice goes through jax's preemption sync service instead: `jax.distributed.initialize` installs its own
   SIGTERM handler, the service propagates the notice to every process and agrees on the first step they can
   all reach (`reached_preemption_sync_point`, called once per step on every process); SIGINT is forwarded to
-  it as a SIGTERM. A second SIGINT/SIGTERM stops the process at once.
+  it as a SIGTERM. A second SIGINT stops the process at once; so does a second SIGTERM, except with several
+  processes before the agreed step (jax's handler absorbs it, as it absorbs a SIGTERM outside the loop: use
+  SIGKILL then). The process that got SIGINT exits with 130, the others with 143.
   """
 
   def __init__(self):
@@ -231,6 +233,8 @@ class Preemption:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       if multihost_utils.reached_preemption_sync_point(step):
         self.signum = self.signum or signal.SIGTERM
+        # jax's handler absorbs every later SIGTERM; from here on one should stop the process, as documented.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         return True
       return False
     return self.signum is not None
@@ -247,6 +251,33 @@ class Resume:
   step: int = 0
   num_tokens: int = 0
   log_window: list = dataclasses.field(default_factory=list)
+
+
+def check_shared_output_dir(output_dir: str) -> None:
+  """With several processes, every one must see process 0's output_dir: each writes its checkpoint shards there.
+
+  Process 0 writes a marker file; each process looks for it. A per-host local disk, or a different path per
+  process, fails here with a clear error instead of hanging in the first checkpoint.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  nonce = int(multihost_utils.broadcast_one_to_all(np.int64(time.time_ns() % 2**62)))
+  marker = os.path.join(output_dir, f'.shared-check-{nonce}')
+  if jax.process_index() == 0:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(marker, 'w', encoding='utf-8'):
+      pass
+  multihost_utils.sync_global_devices('jaxsft: output_dir marker written')
+  seen = np.asarray(multihost_utils.process_allgather(np.int32(os.path.exists(marker))))
+  multihost_utils.sync_global_devices('jaxsft: output_dir marker read')
+  if jax.process_index() == 0:
+    os.remove(marker)
+  if not seen.all():
+    missing = ', '.join(str(p) for p in np.flatnonzero(seen == 0))
+    raise InputError(f"config field 'output_dir': process(es) {missing} do not see {output_dir!r} as process 0 "
+                     'does; every process writes its checkpoint shards there, so it must be one directory on a '
+                     'filesystem all hosts share (NFS/Filestore, a gcsfuse mount)')
 
 
 def resume_point(config: config_dict.ConfigDict) -> tuple[str, int] | None:
@@ -319,6 +350,7 @@ def _resolved_config(config: config_dict.ConfigDict, extra: dict) -> dict:
 def run(config: config_dict.ConfigDict) -> dict[str, Any]:
   """Trains per `config`; returns the final metrics row. Raises InputError for bad input."""
   config_lib.validate(config)
+  check_shared_output_dir(config.output_dir)
   start = resume_point(config)
 
   # Everything that can fail on user input happens before any device work.

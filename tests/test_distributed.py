@@ -134,10 +134,12 @@ def runs(tmp_path_factory):
     envs[f'p{p}'] = {**base, 'JAX_NUM_CPU_DEVICES': '4', 'JAXSFT_CACHE_DIR': str(root / f'cache_p{p}'),
                      'JAXSFT_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAXSFT_NUM_PROCESSES': '2',
                      'JAXSFT_PROCESS_ID': str(p)}
+  # Both processes write to one output_dir (each writes its checkpoint shards there), as on a shared filesystem.
+  outs = {'ref': root / 'ref', 'p0': root / 'two', 'p1': root / 'two'}
   errs = processes.run_all({name: ([sys.executable, '-m', 'jaxsft.train', *RUN_FLAGS,
-                                    f'--config.dataset_name={data_file}', f'--config.output_dir={root / name}'], env)
+                                    f'--config.dataset_name={data_file}', f'--config.output_dir={outs[name]}'], env)
                             for name, env in envs.items()}, cwd=ROOT)
-  return {name: (root / name, err) for name, err in errs.items()}
+  return {name: (outs[name], err) for name, err in errs.items()}
 
 
 def _metrics(out) -> list[dict]:
@@ -167,12 +169,41 @@ def test_two_processes_export_the_same_weights_as_one(runs):
 
 
 @pytest.mark.slow
-def test_only_process_zero_writes_and_logs(runs):
+def test_only_process_zero_logs_and_both_write_one_checkpoint(runs):
   (out0, err0), (out1, err1) = runs['p0'], runs['p1']
-  for name in ('config.json', 'metrics.jsonl', 'hf'):
+  assert out0 == out1
+  for name in ('config.json', 'metrics.jsonl', 'hf', 'tokenizer', 'checkpoints/4'):
     assert (out0 / name).exists(), name
-  assert not out1.exists() or not any(out1.iterdir())
+  # The final checkpoint holds both processes' shards (OCDBT: one sub-database per process).
+  assert sorted(p.name for p in (out0 / 'checkpoints' / '4' / 'state').glob('ocdbt.process_*')) == [
+      'ocdbt.process_0', 'ocdbt.process_1']
+  assert not [p for p in out0.iterdir() if p.name.startswith('.shared-check')]
   assert 'jax.distributed (env): 2 processes, 8 cpu devices (4 per process)' in err0
   for marker in ('jax.distributed', 'data: ', 'training ', 'step=1 ', 'exported'):
     assert marker in err0, marker
     assert marker not in err1, marker
+
+
+@pytest.mark.slow
+def test_processes_that_do_not_share_the_output_dir_fail_with_one_line(tmp_path):
+  """Each process writes its checkpoint shards to output_dir: a per-process path (or a host-local disk) is refused
+  before any work, naming the field, instead of hanging in the first checkpoint."""
+  data_file = processes.write_synthetic_jsonl(tmp_path / 'train.jsonl', 8, seed=1)
+  base = {k: v for k, v in os.environ.items() if not k.startswith('JAXSFT_') or k == 'JAXSFT_CACHE_DIR'}
+  base.update(JAX_PLATFORMS='cpu', XLA_FLAGS='', JAX_NUM_CPU_DEVICES='1')
+  port = processes.free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'jaxsft.train', *RUN_FLAGS, f'--config.dataset_name={data_file}',
+       f'--config.output_dir={tmp_path / f"p{p}"}'], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      text=True, env={**base, 'JAXSFT_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAXSFT_NUM_PROCESSES': '2',
+                      'JAXSFT_PROCESS_ID': str(p)}) for p in range(2)]
+  try:
+    errs = [proc.communicate(timeout=120)[1] for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  assert [proc.returncode for proc in procs] == [2, 2], errs
+  last = errs[0].strip().splitlines()[-1]
+  assert last.startswith("error: config field 'output_dir': process(es) 1 do not see "), last
+  assert not (tmp_path / 'p0' / 'checkpoints').exists() and not (tmp_path / 'p1').exists()
