@@ -60,6 +60,8 @@ def main(argv=None) -> None:
                      ('num_hidden_layers', args.layers)):
     if value:
       hf_cfg[key] = value
+  if args.layers:
+    hf_cfg.pop('layer_types', None)  # Per-layer attention types: the shipped list is for the shipped depth.
   model_cfg = trainer.model_config(config, hf_cfg)
   mesh = sharding.make_mesh(config.mesh)
   tx, _ = trainer.make_optimizer(config, total_steps=10 * args.steps)
