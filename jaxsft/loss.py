@@ -3,8 +3,11 @@
 `next_token_targets` turns a batch (tokens, loss mask, segment ids) into per-position targets and weights:
 position t predicts token t + 1, and only where that token is a training target of the same document.
 `cross_entropy_sums` projects the final hidden states onto the vocabulary a few sequence columns at a time
-inside a rematerialised `lax.scan`, so neither the forward nor the backward pass ever holds more than one
-chunk of `[chunk, V]` float32 logits. It returns sums (not means): the caller divides by the number of loss
+inside a `lax.scan`, so neither the forward nor the backward pass ever holds more than one chunk of
+`[chunk, V]` float32 logits. Under autodiff it is a fused linear cross-entropy (as Liger's): each chunk's
+gradients with respect to the hidden states and the unembedding are computed in the forward scan, right after
+its logits, so the logits are never recomputed (3 vocabulary-sized matmuls per chunk instead of 4).
+It returns sums (not means): the caller divides by the number of loss
 tokens of the whole optimizer step, which is what makes the loss independent of how the step is split into
 micro-batches and devices.
 
@@ -81,9 +84,9 @@ def cross_entropy_sums(hidden_BxTxD: jax.Array, unembed_DxV: jax.Array, targets_
   Each chunk holds `B × c` tokens with `c = clip(chunk_size // B, 1, T)` sequence columns (the sequence is
   zero-padded, with weight 0, up to a multiple of `c`), so a chunk's float32 logits hold about
   `chunk_size × V` numbers for the whole batch, and fewer per device when the batch is sharded. Logits are
-  computed from `hidden` and `unembed` in their (compute) dtype with float32 accumulation. The chunk body
-  is `jax.checkpoint`-ed: under autodiff only its inputs are saved and its logits are recomputed in the
-  backward pass. Gradients flow to `hidden_BxTxD` and `unembed_DxV`, never to targets or weights.
+  computed from `hidden` and `unembed` in their (compute) dtype with float32 accumulation. Under autodiff each
+  chunk's gradients are computed in the forward scan (see `_fused_sums_fwd`); the residuals are the gradients
+  themselves: one the size of `hidden`, one the size of `unembed` (accumulated in float32). Gradients flow to `hidden_BxTxD` and `unembed_DxV`, never to targets or weights.
 
   Args:
     hidden_BxTxD: final hidden states (after the final norm).
@@ -113,20 +116,78 @@ def cross_entropy_sums(hidden_BxTxD: jax.Array, unembed_DxV: jax.Array, targets_
   targets_KxBxC = jnp.moveaxis(targets_BxT.reshape(batch, num_chunks, cols), 1, 0)
   weights_KxBxC = jnp.moveaxis(weights_BxT.reshape(batch, num_chunks, cols), 1, 0)
 
-  @jax.checkpoint
-  def chunk_sums(unembed_DxV, hidden_BxCxD, targets_BxC, weights_BxC):
-    logits_BxCxV = jnp.einsum('bcd,dv->bcv', hidden_BxCxD, unembed_DxV, preferred_element_type=jnp.float32)
-    ce, correct, entropy = _token_stats(logits_BxCxV, targets_BxC)
-    # Per-row sums: the carry keeps the batch axis, so a sharded batch needs no collective per chunk.
-    return _weighted_sums(ce, correct, entropy, weights_BxC, axis=-1)
+  sums_B = _fused_sums(hidden_KxBxCxD, unembed_DxV, targets_KxBxC, weights_KxBxC)
+  return {k: jnp.sum(v) for k, v in sums_B.items()}
+
+
+def _chunk_stats(hidden_BxCxD, unembed_DxV, targets_BxC, weights_BxC):
+  """One chunk: float32 logits, their per-row sums, and what the gradient needs (logits, lse)."""
+  logits_BxCxV = jnp.einsum('bcd,dv->bcv', hidden_BxCxD, unembed_DxV, preferred_element_type=jnp.float32)
+  ce, correct, entropy = _token_stats(logits_BxCxV, targets_BxC)
+  # Per-row sums: the carry keeps the batch axis, so a sharded batch needs no collective per chunk.
+  return _weighted_sums(ce, correct, entropy, weights_BxC, axis=-1), logits_BxCxV
+
+
+def _zero_sums(batch: int) -> dict[str, jax.Array]:
+  return {k: jnp.zeros((batch,), jnp.float32) for k in SUM_KEYS}
+
+
+@jax.custom_vjp
+def _fused_sums(hidden_KxBxCxD, unembed_DxV, targets_KxBxC, weights_KxBxC):
+  """Per-row sums over all chunks (no gradient work: evaluation, or the primal of the VJP below)."""
 
   def body(carry, chunk):
-    sums = chunk_sums(unembed_DxV, *chunk)
+    sums, _ = _chunk_stats(chunk[0], unembed_DxV, chunk[1], chunk[2])
     return {k: carry[k] + sums[k] for k in SUM_KEYS}, None
 
-  init = {k: jnp.zeros((batch,), jnp.float32) for k in SUM_KEYS}
-  sums_B, _ = jax.lax.scan(body, init, (hidden_KxBxCxD, targets_KxBxC, weights_KxBxC))
-  return {k: jnp.sum(v) for k, v in sums_B.items()}
+  sums_B, _ = jax.lax.scan(body, _zero_sums(hidden_KxBxCxD.shape[1]),
+                           (hidden_KxBxCxD, targets_KxBxC, weights_KxBxC))
+  return sums_B
+
+
+def _fused_sums_fwd(hidden_KxBxCxD, unembed_DxV, targets_KxBxC, weights_KxBxC):
+  """The forward that also computes the loss's gradients, chunk by chunk (a fused linear cross-entropy).
+
+  d loss_sum / d logits = weights × (softmax(logits) - onehot(target)) is known as soon as a chunk's logits
+  are; multiplying it by the unembedding (for the hidden states) and by the hidden states (for the
+  unembedding, accumulated over chunks in float32) right away means the backward pass only scales the
+  results: 3 [c, D] × [D, V]-sized matmuls per chunk instead of the 4 of autodiff through a rematerialised
+  chunk (forward, recomputed forward, two transposes), and the logits never leave the chunk. The gradient
+  matmuls run in the compute dtype (float32 accumulation), as a bf16 framework's backward does.
+  """
+  dtype = hidden_KxBxCxD.dtype
+
+  def body(carry, chunk):
+    sums_B, d_unembed_DxV = carry
+    hidden_BxCxD, targets_BxC, weights_BxC = chunk
+    sums, logits_BxCxV = _chunk_stats(hidden_BxCxD, unembed_DxV, targets_BxC, weights_BxC)
+    probs_BxCxV = jax.nn.softmax(logits_BxCxV, axis=-1)
+    onehot_BxCxV = jax.nn.one_hot(targets_BxC, logits_BxCxV.shape[-1], dtype=jnp.float32)
+    d_logits_BxCxV = ((probs_BxCxV - onehot_BxCxV) * weights_BxC[..., None]).astype(dtype)
+    d_hidden_BxCxD = jnp.einsum('bcv,dv->bcd', d_logits_BxCxV, unembed_DxV,
+                                preferred_element_type=jnp.float32).astype(dtype)
+    d_unembed_DxV = d_unembed_DxV + jnp.einsum('bcd,bcv->dv', hidden_BxCxD, d_logits_BxCxV,
+                                               preferred_element_type=jnp.float32)
+    return ({k: sums_B[k] + sums[k] for k in SUM_KEYS}, d_unembed_DxV), d_hidden_BxCxD
+
+  init = (_zero_sums(hidden_KxBxCxD.shape[1]), jnp.zeros(unembed_DxV.shape, jnp.float32))
+  (sums_B, d_unembed_DxV), d_hidden_KxBxCxD = jax.lax.scan(body, init,
+                                                           (hidden_KxBxCxD, targets_KxBxC, weights_KxBxC))
+  return sums_B, (d_hidden_KxBxCxD, d_unembed_DxV.astype(unembed_DxV.dtype))
+
+
+def _fused_sums_bwd(residuals, cotangents):
+  d_hidden_KxBxCxD, d_unembed_DxV = residuals
+  # Only loss_sum has a gradient (the token count, accuracy and entropy are metrics); its cotangent is per row.
+  ct_B = cotangents['loss_sum']
+  d_hidden = d_hidden_KxBxCxD * ct_B[None, :, None, None].astype(d_hidden_KxBxCxD.dtype)
+  # A per-row cotangent cannot scale the summed unembedding gradient row by row; the sums are reduced with
+  # jnp.sum right after this function, so every row's cotangent is the same scalar.
+  d_unembed = d_unembed_DxV * ct_B[0].astype(d_unembed_DxV.dtype)
+  return d_hidden, d_unembed, None, None
+
+
+_fused_sums.defvjp(_fused_sums_fwd, _fused_sums_bwd)
 
 
 def cross_entropy_sums_reference(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
