@@ -11,6 +11,7 @@ step is split into micro-batches or devices.
 import dataclasses
 import json
 import os
+import queue
 import shutil
 import signal
 import threading
@@ -79,20 +80,26 @@ class TrainStep:
   """The jitted micro-step: forward, chunked masked cross-entropy, gradients, optax update."""
 
   def __init__(self, graphdef, rest, tx: optax.GradientTransformation, loss_chunk_size: int, *,
-               state_shardings=None):
+               state_shardings=None, attention_windows: tuple[int | None, ...] | None = None):
+    """`attention_windows` (one per layer, `metrics.layer_windows`): the step also returns 'attended_keys'."""
     self.graphdef = graphdef
     self.rest = rest  # Non-trainable variables (none today), kept out of the optimizer.
     self.tx = tx
     self.loss_chunk_size = loss_chunk_size
+    self.attention_windows = attention_windows
+    self.compile_seconds = None
     # With shardings: the new state keeps the partitioning of the old one (and its buffers, donated).
     out = None if state_shardings is None else (state_shardings, None)
     self.step = jax.jit(self._step, donate_argnums=(0,), out_shardings=out)
     self.eval_step = jax.jit(self.loss_sums)
 
   def compile(self, state, batch, inv_step_tokens) -> None:
-    """Compiles the step for these shapes, logs its memory per device, and uses the executable from now on."""
+    """Compiles the step for these shapes (timed: `compile_seconds`), logs its memory per device, and uses the
+    executable from now on."""
+    t0 = time.perf_counter()
     compiled = self.step.lower(state, batch, inv_step_tokens).compile()
-    log('compiled train step, memory per device: ' + memory_report(compiled))
+    self.compile_seconds = time.perf_counter() - t0
+    log(f'compiled the train step in {self.compile_seconds:.1f}s, memory per device: ' + memory_report(compiled))
     self.step = compiled
 
   def loss_sums(self, params, batch):
@@ -111,6 +118,9 @@ class TrainStep:
       return sums['loss_sum'] * inv_step_tokens, sums
 
     grads, sums = jax.grad(objective, has_aux=True)(params)
+    if self.attention_windows is not None:  # For MFU: the attention work this micro-batch actually does.
+      sums['attended_keys'] = metrics_lib.attended_keys(batch['positions'], batch['segment_ids'],
+                                                        self.attention_windows)
     # The step's accumulated gradient so far (MultiSteps sums micro-gradients): its norm at the last
     # micro-step is the pre-clipping grad_norm of the optimizer step.
     acc_grads = jax.tree.map(jnp.add, opt_state.acc_grads, grads)
@@ -416,7 +426,8 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
       log(f'model: {hf_cfg.get("model_type")} with {num_params / 1e6:.2f}M parameters '
           f'({"random init" if config.model_init == "random" else "from " + model_dir}), '
           f'compute {model_cfg.dtype}, remat {model_cfg.remat}')
-      step_fn = TrainStep(graphdef, rest, tx, config.model.loss_chunk_size, state_shardings=shardings)
+      step_fn = TrainStep(graphdef, rest, tx, config.model.loss_chunk_size, state_shardings=shardings,
+                          attention_windows=metrics_lib.layer_windows(model_cfg))
       state, last_row = _train_loop(config, mesh, step_fn, state, data, schedule, model_cfg, manager, meta, resume)
       model = nnx.merge(graphdef, sharding.gather_to_host(state['params']), rest)
   finally:
@@ -441,8 +452,8 @@ def _write_json_atomically(path: str, obj) -> None:
 def restore_state(start: tuple[str, int], model_cfg: transformer.ModelConfig, tx, mesh):
   """The parameters and optimizer state of checkpoint `start`, placed by this mesh's rules (any mesh)."""
   graphdef, abstract_params, shardings = state_shardings(model_cfg, tx, mesh, warn=log)
-  abstract_state = checkpoint.abstract({'params': abstract_params, 'opt_state': jax.eval_shape(tx.init, abstract_params)},
-                                       shardings)
+  abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
+  abstract_state = checkpoint.abstract({'params': abstract_params, 'opt_state': abstract_opt_state}, shardings)
   _, _, rest = nnx.split(hf.abstract_model(model_cfg), nnx.Param, ...)
   manager = checkpoint.Manager(start[0], read_only=True)
   try:
@@ -459,8 +470,112 @@ def _host_window(window) -> list:
   return [[{k: float(v) for k, v in sums.items()} for sums in step_sums] for step_sums in jax.device_get(window)]
 
 
+PREFETCH_STEPS = 2  # Optimizer steps whose batches wait on the devices ahead of the running one.
+
+
+class Prefetcher:
+  """Iterates a Loader's steps with their micro-batches already on the devices, `depth` steps ahead.
+
+  A background thread pulls each step from the loader and turns its micro-batches into global arrays
+  (`sharding.global_batch`: host → device transfers, no collective), while the main thread dispatches and
+  runs the steps before it; a bounded queue keeps at most `depth` steps waiting (and the thread builds one
+  more). Every process runs one such thread over its own loader, in step order, so all processes build the
+  same steps' arrays in the same order. Yields `(element, global micro-batches, loader state)`, where the
+  state is the loader's after that step: the state of the steps *consumed*, which is what a checkpoint must
+  save (the loader itself is ahead by the prefetched steps). An error in the thread (bad data) is raised by
+  the `__next__` that reaches its step. `depth=0`: no thread; each step is loaded and transferred when asked.
+  """
+
+  _END = object()
+
+  def __init__(self, loader: pipeline.Loader, mesh, depth: int = PREFETCH_STEPS):
+    self._loader, self._mesh = loader, mesh
+    self._done = False
+    self._thread = None
+    if depth > 0:
+      self._queue = queue.Queue(maxsize=depth)
+      self._stop = threading.Event()
+      self._thread = threading.Thread(target=self._fill, name='jaxsft-prefetch', daemon=True)
+      self._thread.start()
+
+  def _load(self):
+    """The loader's next step, placed on the devices (StopIteration at the end)."""
+    element = next(self._loader)
+    state = self._loader.get_state()
+    return element, [sharding.global_batch(self._mesh, batch) for batch in element['micro_batches']], state
+
+  def _fill(self) -> None:
+    try:
+      while self._put(self._load()):
+        pass
+    except StopIteration:
+      self._put(self._END)
+    except BaseException as e:  # pylint: disable=broad-except  (re-raised in the consuming thread)
+      self._put(_Failure(e))
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._done:
+      raise StopIteration
+    if self._thread is None:
+      try:
+        return self._load()
+      except StopIteration:
+        self._done = True
+        raise
+    item = self._queue.get()
+    if item is self._END:
+      self._done = True
+      raise StopIteration
+    if isinstance(item, _Failure):
+      self._done = True
+      raise item.error
+    return item
+
+  def close(self) -> None:
+    """Stops the thread (it finishes the step it is building) and drops the prefetched steps."""
+    self._done = True
+    if self._thread is None:
+      return
+    self._stop.set()
+    while True:
+      try:
+        self._queue.get_nowait()
+      except queue.Empty:
+        break
+    self._thread.join(timeout=60)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+@dataclasses.dataclass
+class _Failure:
+  error: BaseException
+
+
 def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, schedule, model_cfg,
                 manager: checkpoint.Manager, meta: dict, resume: Resume):
+  """Runs the steps from `resume.step` on; returns (state, the last metrics row).
+
+  Timing: the first step of the run (compilation included) is timed on its own and reported once, with
+  the compilation alone, as 'compile_seconds' / 'first_step_seconds' in the first row; tokens/s, step_time
+  and MFU cover the later steps, without evaluation time.
+  """
   geometry = data.train.geometry
   loader = pipeline.Loader(data.train.steps, start=resume.step, num_workers=config.dataloader_num_workers)
   eval_every = config_lib.eval_interval(config, geometry.total_steps) if config.eval_strategy == 'steps' else 0
@@ -470,61 +585,70 @@ def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, sch
                   disable=config.disable_tqdm or not metrics_lib.is_main_process(), dynamic_ncols=True, desc='train')
   preemption = Preemption()
   window_sums, last_row = list(resume.log_window), {}  # The steps since the last logged row (for loss metrics).
-  timed_loss_tokens = timed_all_tokens = 0  # Tokens since throughput.reset() (for tokens/s and MFU).
+  first_row_extra = {}  # Compilation timings, for the first row this run writes.
   num_tokens_total = resume.num_tokens
   step = resume.step
   saved_step = resume.step if resume.step else None
-  compiled = False
+  loader_state = loader.get_state()  # After the steps consumed so far (the prefetcher runs ahead of it).
   t_start = time.perf_counter()
+  prefetcher = Prefetcher(loader, mesh)
 
   def save(step):
     t0 = time.perf_counter()
-    manager.save(step, state, dict(meta, loader=loader.get_state(), num_tokens=num_tokens_total,
+    manager.save(step, state, dict(meta, loader=loader_state, num_tokens=num_tokens_total,
                                    log_window=_host_window(window_sums)))
     log(f'checkpoint {step}: saving in the background ({time.perf_counter() - t0:.2f}s blocking)')
     return step
 
   try:
-    for element in loader:
+    for element, global_batches, loader_state in prefetcher:
       step_tokens = element['num_targets']
       inv = jnp.float32(1.0 / max(step_tokens, 1))
       step_sums = []
-      for batch in element['micro_batches']:
-        global_batch = sharding.global_batch(mesh, batch)
-        if not compiled:
+      for global_batch in global_batches:
+        if step_fn.compile_seconds is None:
           step_fn.compile(state, global_batch, inv)
-          compiled = True
         state, sums = step_fn.step(state, global_batch, inv)
         step_sums.append(sums)
       step += 1
       num_tokens_total += step_tokens
-      timed_loss_tokens += step_tokens
-      timed_all_tokens += element['num_input_tokens']
       window_sums.append(step_sums)
-      if step == resume.step + 1:  # Compilation: timed on its own, kept out of tokens/s.
+      if step == resume.step + 1:  # Compilation and warm-up: timed on their own, kept out of tokens/s.
         jax.block_until_ready(state)
-        log(f'first step (compilation included) took {time.perf_counter() - t_start:.1f}s')
+        first_row_extra = {'compile_seconds': step_fn.compile_seconds,
+                           'first_step_seconds': time.perf_counter() - t_start}
+        log(f'first step (compilation included) took {first_row_extra["first_step_seconds"]:.1f}s')
         throughput.reset()
-        timed_loss_tokens = timed_all_tokens = 0
+      else:
+        throughput.add_step(step_tokens, element['num_input_tokens'],
+                            [sums['attended_keys'] for sums in step_sums if 'attended_keys' in sums] or None)
       bar.update(1)
       if step % config.logging_steps == 0 or step == geometry.total_steps:
-        last_row = _log_row(window_sums, step, geometry, schedule, num_tokens_total)
-        last_row.update(throughput.measure(timed_loss_tokens, timed_all_tokens))
-        timed_loss_tokens = timed_all_tokens = 0
+        last_row = _log_row(window_sums, step, geometry, schedule, num_tokens_total)  # Waits for the devices.
+        last_row.update(throughput.measure())
+        peak = metrics_lib.peak_memory_bytes()
+        if peak is not None:
+          last_row['peak_memory_gib'] = peak / 2**30
+        last_row.update(first_row_extra)
+        first_row_extra = {}
         writer.write(last_row)
-        bar.set_postfix(loss=f'{last_row["loss"]:.4f}', tok_s=f'{last_row["tokens_per_second"]:.0f}')
+        postfix = {'loss': f'{last_row["loss"]:.4f}'}
+        if last_row['tokens_per_second'] is not None:
+          postfix['tok_s'] = f'{last_row["tokens_per_second"]:.0f}'
+        bar.set_postfix(**postfix)
         log(' '.join(f'{k}={_fmt(v)}' for k, v in last_row.items()))
         window_sums = []
       epoch_end = step % geometry.steps_per_epoch == 0 or step == geometry.total_steps
       if data.eval is not None and ((eval_every and step % eval_every == 0)
                                     or (config.eval_strategy == 'epoch' and epoch_end)):
+        jax.block_until_ready(state)  # The training steps before it are training time...
+        throughput.pause()  # ...evaluation is not.
         t_eval = time.perf_counter()
         row = evaluate(mesh, step_fn, state['params'], data.eval)
         row.update(step=step, epoch=step / geometry.steps_per_epoch, eval_runtime=time.perf_counter() - t_eval)
+        throughput.resume()
         writer.write(row)
         log(' '.join(f'{k}={_fmt(v)}' for k, v in row.items()))
-        throughput.reset()  # Evaluation time is not training time.
-        timed_loss_tokens = timed_all_tokens = 0
         last_row = {**last_row, **row}
       preempted = preemption.reached(step)  # Every process asks at every step (the sync protocol needs it).
       if preempted or epoch_end or (config.save_steps and step % config.save_steps == 0):
@@ -538,6 +662,7 @@ def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, sch
     if manager.last_save.get('total_seconds') is not None:
       log(f'checkpoint {saved_step} written ({manager.last_save["total_seconds"]:.2f}s from start to complete)')
   finally:
+    prefetcher.close()
     preemption.close()
     bar.close()
     writer.close()
@@ -552,12 +677,12 @@ def evaluate(mesh, step_fn: TrainStep, params, split: prepare.Split) -> dict:
   """
   totals = dict.fromkeys(loss_lib.SUM_KEYS, 0.0)
   pending = None  # One batch in flight while the next is prepared.
-  for element in pipeline.Loader(split.steps):
-    (batch,) = element['micro_batches']
-    sums = step_fn.eval_step(params, sharding.global_batch(mesh, batch))
-    if pending is not None:
-      _accumulate(totals, pending)
-    pending = sums
+  with Prefetcher(pipeline.Loader(split.steps), mesh) as batches:
+    for _, (global_batch,), _ in batches:
+      sums = step_fn.eval_step(params, global_batch)
+      if pending is not None:
+        _accumulate(totals, pending)
+      pending = sums
   if pending is not None:
     _accumulate(totals, pending)
   num = max(float(totals['num_tokens']), 1.0)

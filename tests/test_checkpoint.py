@@ -20,7 +20,6 @@ import pytest
 from jaxsft import checkpoint
 from jaxsft import config as config_lib
 from jaxsft import trainer
-from jaxsft.data import pipeline
 from jaxsft.errors import InputError
 from tests.helpers import models
 from tests.helpers import processes
@@ -92,16 +91,17 @@ def reference(setup):
 
 
 def interrupt_at(monkeypatch, step: int, signum: int) -> None:
-  """Sends `signum` to this process while step `step` is running (the loader has just handed it out)."""
-  original = pipeline.Loader.__next__
+  """Sends `signum` to this process as the loop takes step `step` to run it (the loader itself runs ahead)."""
+  original = trainer.Prefetcher.__next__
 
   def next_and_signal(self):
-    element = original(self)
-    if self.get_state()['step'] == step:
+    item = original(self)
+    _, _, loader_state = item
+    if loader_state['step'] == step:
       os.kill(os.getpid(), signum)
-    return element
+    return item
 
-  monkeypatch.setattr(pipeline.Loader, '__next__', next_and_signal)
+  monkeypatch.setattr(trainer.Prefetcher, '__next__', next_and_signal)
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])

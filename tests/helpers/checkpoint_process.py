@@ -94,14 +94,14 @@ def reshard(model_dir: str, data_file: str, out_dir: str) -> None:
 def train(sigterm_at_step: int, slow_seconds: float, flags: list[str]) -> None:
   from absl import app  # pylint: disable=import-outside-toplevel
   from jaxsft import train as train_cli  # pylint: disable=import-outside-toplevel
-  from jaxsft.data import pipeline  # pylint: disable=import-outside-toplevel
+  from jaxsft import trainer  # pylint: disable=import-outside-toplevel
 
   if sigterm_at_step > 0:
-    fetch = pipeline.Loader.__next__
+    fetch = trainer.Prefetcher.__next__
 
-    def fetch_and_signal(loader):
-      element = fetch(loader)
-      step = loader.get_state()['step']  # The step this batch is for (1-based).
+    def fetch_and_signal(prefetcher):
+      element = fetch(prefetcher)
+      step = element[2]['step']  # The step this batch is for (1-based): the loader's state after it.
       import jax  # pylint: disable=import-outside-toplevel  (initialised by now: the loop runs after it)
       if step == sigterm_at_step and jax.process_index() == 1:
         print(f'{SENT}{step}', file=sys.stderr, flush=True)
@@ -110,7 +110,7 @@ def train(sigterm_at_step: int, slow_seconds: float, flags: list[str]) -> None:
         time.sleep(slow_seconds)
       return element
 
-    pipeline.Loader.__next__ = fetch_and_signal
+    trainer.Prefetcher.__next__ = fetch_and_signal
   app.run(train_cli.main, argv=[sys.argv[0], *flags], flags_parser=train_cli.parse_flags)
 
 
