@@ -221,7 +221,7 @@ def test_bad_model_settings_raise_input_error():
   base = dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
               head_dim=4)
   with pytest.raises(InputError, match='model.attention_impl'):
-    transformer.ModelConfig(**base, attention_impl='cudnn')
+    transformer.ModelConfig(**base, attention_impl='flash')  # Not a name (cudnn-on-CPU: test_attention.py).
   with pytest.raises(InputError, match='model.remat'):
     transformer.ModelConfig(**base, remat='sometimes')
   with pytest.raises(InputError, match='num_kv_heads'):
