@@ -107,7 +107,7 @@ def base_config() -> config_dict.ConfigDict:
 
   # JAX-only: model implementation overrides.
   c.model = config_dict.ConfigDict()
-  c.model.attention_impl = 'xla'
+  c.model.attention_impl = 'auto'  # auto: cuDNN flash on NVIDIA GPUs, Pallas splash on TPU, else xla.
   c.model.remat = config_dict.placeholder(str)  # None: 'full' if gradient_checkpointing else 'none'.
   c.model.loss_chunk_size = 1024  # Tokens per cross-entropy chunk (bounds the float32 logits).
   return c

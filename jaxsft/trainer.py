@@ -37,6 +37,7 @@ from jaxsft.data import index as index_lib
 from jaxsft.data import pipeline
 from jaxsft.data import prepare
 from jaxsft.errors import InputError
+from jaxsft.models import attention
 from jaxsft.models import hf
 from jaxsft.models import transformer
 
@@ -368,6 +369,8 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
   model_dir = str(hf.resolve_model_dir(config.model_name_or_path, config.model_revision))
   hf_cfg = hf.read_hf_config(model_dir)
   model_cfg = model_config(config, hf_cfg)
+  attention_impl = attention.resolve_impl(model_cfg.attention_impl, dtype=model_cfg.dtype,
+                                          head_dim=model_cfg.head_dim)  # An impossible kernel fails here.
   tokenizer = load_tokenizer(config, model_dir)
   if len(tokenizer) > model_cfg.vocab_size:
     raise InputError(f'the tokenizer has {len(tokenizer)} tokens but the model at {model_dir!r} '
@@ -425,7 +428,7 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
       num_params = sum(x.size for x in jax.tree.leaves(state['params']))
       log(f'model: {hf_cfg.get("model_type")} with {num_params / 1e6:.2f}M parameters '
           f'({"random init" if config.model_init == "random" else "from " + model_dir}), '
-          f'compute {model_cfg.dtype}, remat {model_cfg.remat}')
+          f'compute {model_cfg.dtype}, remat {model_cfg.remat}, attention {attention_impl}')
       step_fn = TrainStep(graphdef, rest, tx, config.model.loss_chunk_size, state_shardings=shardings,
                           attention_windows=metrics_lib.layer_windows(model_cfg))
       state, last_row = _train_loop(config, mesh, step_fn, state, data, schedule, model_cfg, manager, meta, resume)
