@@ -108,7 +108,12 @@ def base_config() -> config_dict.ConfigDict:
   # JAX-only: model implementation overrides.
   c.model = config_dict.ConfigDict()
   c.model.attention_impl = 'auto'  # auto: cuDNN flash on NVIDIA GPUs, Pallas splash on TPU, else xla.
-  c.model.remat = config_dict.placeholder(str)  # None: 'full' if gradient_checkpointing else 'none'.
+  # None: 'full' if gradient_checkpointing else 'none'. Also MaxText's names: minimal, save_dot_except_mlp,
+  # save_qkv_proj, save_out_proj, ... (models/transformer.py REMAT_POLICIES).
+  c.model.remat = config_dict.placeholder(str)
+  # Stack the layers and apply them with a scan: compile time and program size flat in depth, and with remat
+  # XLA keeps one layer's activations at a time (unscanned, XLA:CPU hoists the recomputation and saves little).
+  c.model.scan_layers = True
   c.model.loss_chunk_size = 1024  # Tokens per cross-entropy chunk (bounds the float32 logits).
   return c
 

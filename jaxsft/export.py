@@ -84,9 +84,13 @@ def load_checkpoint_tokenizer(root: str, meta: dict):
   return trainer.load_tokenizer(config, meta['model_dir'])
 
 
-def load_checkpoint_model(root: str, step: int, hf_cfg: dict):
-  """The float32 model with checkpoint `step`'s parameters, on the host (no optimizer state is read)."""
-  cfg = hf.model_config_from_hf(hf_cfg, dtype='float32', param_dtype='float32')
+def load_checkpoint_model(root: str, step: int, meta: dict):
+  """The float32 model with checkpoint `step`'s parameters, on the host (no optimizer state is read).
+
+  The parameters are laid out as the run trained them (stacked on a 'layers' axis with `scan_layers`).
+  """
+  scan_layers = bool(meta['config'].get('model', {}).get('scan_layers', False))  # Absent: before scan existed.
+  cfg = hf.model_config_from_hf(meta['hf_config'], dtype='float32', param_dtype='float32', scan_layers=scan_layers)
   graphdef, abstract_params, rest = nnx.split(hf.abstract_model(cfg), nnx.Param, ...)
   manager = checkpoint.Manager(root, read_only=True)
   try:  # ShapeDtypeStructs without a sharding restore as host numpy arrays.
@@ -102,7 +106,7 @@ def export_checkpoint(checkpoint_path: str, out_dir: str, *, dtype: str | None =
   root, step = checkpoint.locate(checkpoint_path, field='--checkpoint')
   meta = checkpoint.read_meta(root, step)
   hf_cfg = meta['hf_config']
-  model = load_checkpoint_model(root, step, hf_cfg)
+  model = load_checkpoint_model(root, step, meta)
   tokenizer = load_checkpoint_tokenizer(root, meta)
   return write_hf_dir(model, hf_cfg, tokenizer, meta['generation_config'], out_dir,
                       dtype=dtype or meta['export_dtype'], max_shard_bytes=max_shard_bytes)

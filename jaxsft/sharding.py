@@ -10,6 +10,8 @@ Batches are split over `data` × `fsdp`. Every parameter carries logical axis na
 * `q_heads`, `kv_heads`, `mlp`, `vocab` → `tensor`: Megatron-style tensor parallelism of attention heads, the
   MLP's hidden dimension and the vocabulary.
 * `head_dim`, `norm` → replicated.
+* `layers` (the stacked-layer axis of `scan_layers`) → replicated: the scan walks it, so each device holds
+  every layer's FSDP/tensor shard, exactly what it holds of the unstacked layers.
 
 A dimension that does not divide its mesh axis (say 4 key/value heads over tensor=8) is replicated instead,
 with one logged warning per parameter name, so a mesh never fails for a shape.
@@ -80,6 +82,7 @@ RULES = (
     ('mlp', 'tensor'),
     ('head_dim', None),
     ('norm', None),
+    ('layers', None),
 )
 
 

@@ -134,7 +134,8 @@ class TrainStep:
 def model_config(config: config_dict.ConfigDict, hf_cfg: dict) -> transformer.ModelConfig:
   """The model as `config` trains it: bf16 compute over float32 master weights (or float32), its remat."""
   return hf.model_config_from_hf(hf_cfg, dtype='bfloat16' if config.bf16 else 'float32', param_dtype='float32',
-                                 attention_impl=config.model.attention_impl, remat=config_lib.remat_policy(config))
+                                 attention_impl=config.model.attention_impl, remat=config_lib.remat_policy(config),
+                                 scan_layers=config.model.scan_layers)
 
 
 def make_optimizer(config: config_dict.ConfigDict, total_steps: int):

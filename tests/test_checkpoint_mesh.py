@@ -122,10 +122,11 @@ def test_restored_arrays_carry_the_target_meshes_shardings(reshard):
   for name, (mesh, num_devices, q_spec) in expected.items():
     described = result['restored'][name]
     assert all(d['mesh'] == mesh and d['num_devices'] == num_devices for d in described.values()), name
-    # q_proj kernels (embed, q_heads, head_dim) and their Adam moments / accumulated gradients alike.
+    # q_proj kernels (layers, embed, q_heads, head_dim: stacked by scan_layers, the default) and their Adam
+    # moments / accumulated gradients alike; the stacked layer axis is never sharded.
     q_kernels = {k: d['spec'] for k, d in described.items() if k.endswith("['q_proj']['kernel'].value")}
-    assert len(q_kernels) == 2 * 4, q_kernels  # 2 layers × (parameter, mu, nu, acc_grads).
-    assert all(spec == q_spec for spec in q_kernels.values()), (name, q_kernels)
+    assert len(q_kernels) == 4, q_kernels  # (parameter, mu, nu, acc_grads) of the stacked layers.
+    assert all(spec == [None] + q_spec for spec in q_kernels.values()), (name, q_kernels)
 
 
 def test_training_resumed_on_another_mesh_continues_the_curve(reshard):

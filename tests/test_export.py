@@ -119,7 +119,7 @@ def _header_dtypes(directory) -> set[str]:
 def _checkpoint_model(output_dir):
   """jaxsft's float32 model with the parameters of OUTPUT_DIR's newest checkpoint (Manager.restore_params)."""
   root, step = checkpoint.locate(str(output_dir))
-  return export.load_checkpoint_model(root, step, checkpoint.read_meta(root, step)['hf_config'])
+  return export.load_checkpoint_model(root, step, checkpoint.read_meta(root, step))
 
 
 def _chat_batch(tokenizer, data_file: str, *, length: int = 48, pad: int = 11):

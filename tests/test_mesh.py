@@ -58,16 +58,17 @@ def test_parameters_and_optimizer_state_are_sharded_by_the_rules(runs):
     assert matches, suffix
     return matches[0]
 
+  # Layer parameters are stacked on a leading, unsharded 'layers' axis (scan_layers, the default).
   assert spec("['embed_tokens']['embedding']") == ['tensor', 'fsdp']  # (vocab, embed)
-  assert spec("['self_attn']['q_proj']['kernel']") == ['fsdp', 'tensor', None]  # (embed, q_heads, head_dim)
-  assert spec("['self_attn']['k_proj']['kernel']") == ['fsdp', 'tensor', None]
-  assert spec("['self_attn']['o_proj']['kernel']") == ['tensor', None, 'fsdp']
-  assert spec("['mlp']['down_proj']['kernel']") == ['tensor', 'fsdp']
+  assert spec("['self_attn']['q_proj']['kernel']") == [None, 'fsdp', 'tensor', None]  # (layers, embed, q_heads, hd)
+  assert spec("['self_attn']['k_proj']['kernel']") == [None, 'fsdp', 'tensor', None]
+  assert spec("['self_attn']['o_proj']['kernel']") == [None, 'tensor', None, 'fsdp']
+  assert spec("['mlp']['down_proj']['kernel']") == [None, 'tensor', 'fsdp']
   assert spec("['lm_head']['kernel']") == ['fsdp', 'tensor']
   assert spec("['norm']['scale']") in ([None], [])
   # ZeRO-3: Adam's moments and the accumulated gradients are partitioned like their parameters.
   opt_q = [v for k, v in tp.items() if k.startswith("['opt_state']") and k.endswith("['q_proj']['kernel']")]
-  assert len(opt_q) == 3 * 2 and all(v == ['fsdp', 'tensor', None] for v in opt_q)  # mu, nu, acc_grads × layers.
+  assert len(opt_q) == 3 and all(v == [None, 'fsdp', 'tensor', None] for v in opt_q)  # mu, nu, acc_grads.
 
 
 def test_parameter_bytes_per_device_fall_as_one_over_fsdp(runs):

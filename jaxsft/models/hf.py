@@ -11,7 +11,10 @@ and holds only its own shards.
 Layouts: HF `nn.Linear.weight` is [out, in]; our kernels are [in..., out...] with heads split out
 (q_proj [embed, q_heads, head_dim], o_proj [q_heads, head_dim, embed]), so conversion is a transpose and a
 reshape. Names map `layers.3.mlp.up_proj.kernel` ⇄ `model.layers.3.mlp.up_proj.weight`; `lm_head.kernel`
-⇄ `lm_head.weight`, absent when the embeddings are tied.
+⇄ `lm_head.weight`, absent when the embeddings are tied. With `scan_layers`, a stacked parameter
+(`layers.mlp.up_proj.kernel`, [L, ...]) holds `model.layers.{i}.mlp.up_proj.weight` at index i: loading fills
+it layer by layer (a sharded load reads, for each layer in a device's block, only that block of the layer's
+tensor), and export slices it back into the per-layer tensors.
 
 config.json is interpreted as transformers 5.24's configuration classes do (defaults, `rope_parameters` or
 the older top-level `rope_theta`/`rope_scaling`, Qwen2/Qwen3 `layer_types`/`use_sliding_window`/
@@ -35,6 +38,7 @@ from flax import nnx
 from jaxsft.errors import InputError
 from jaxsft.models import safetensors_io
 from jaxsft.models.safetensors_io import INDEX_FILE, SINGLE_FILE  # pylint: disable=unused-import
+from jaxsft.models.transformer import LAYERS_AXIS
 from jaxsft.models.transformer import ModelConfig
 from jaxsft.models.transformer import Transformer
 
@@ -195,7 +199,7 @@ def _sliding_windows(hf_cfg: dict, model_type: str, num_layers: int) -> tuple[in
 
 
 def model_config_from_hf(hf_cfg: dict, *, dtype: str = 'float32', param_dtype: str = 'float32',
-                         attention_impl: str = 'xla', remat: str = 'none') -> ModelConfig:
+                         attention_impl: str = 'xla', remat: str = 'none', scan_layers: bool = False) -> ModelConfig:
   """The ModelConfig of a Llama, Qwen2/2.5, Qwen3 or Mistral config.json (transformers 5.24 semantics)."""
   model_type = hf_cfg.get('model_type')
   if model_type not in MODEL_TYPES:
@@ -242,6 +246,7 @@ def model_config_from_hf(hf_cfg: dict, *, dtype: str = 'float32', param_dtype: s
       param_dtype=param_dtype,
       attention_impl=attention_impl,
       remat=remat,
+      scan_layers=scan_layers,
   )
 
 
@@ -285,6 +290,23 @@ def _from_hf(path: tuple, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndar
   if path[-1] == 'kernel':
     return tensor.T.reshape(shape)
   return tensor.reshape(shape)
+
+
+def _is_stacked(path: tuple) -> bool:
+  """Whether `path` is a parameter of scanned layers ('layers', 'mlp', ...: no layer index after 'layers')."""
+  return len(path) > 1 and path[0] == LAYERS_AXIS and not isinstance(path[1], int)
+
+
+def _tensors(path: tuple, shape: tuple[int, ...]) -> list[tuple[str, tuple, tuple[int, ...]]]:
+  """(HF name, one-layer path, one-layer shape) of each HF tensor behind the parameter at `path`.
+
+  One entry for an ordinary parameter; for a stacked one, an entry per layer i, in layer order, whose path
+  carries the index ('layers', i, ...) and whose shape drops the leading layer axis.
+  """
+  if not _is_stacked(path):
+    return [(_hf_name(path), path, tuple(shape))]
+  layer_paths = [(path[0], i, *path[1:]) for i in range(shape[0])]
+  return [(_hf_name(p), p, tuple(shape[1:])) for p in layer_paths]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -406,13 +428,33 @@ def read_block(reader: safetensors_io.Reader, name: str, path: tuple, shape: tup
   return np.ascontiguousarray(block, dtype=dtype)
 
 
-def _sharded_value(reader: safetensors_io.Reader, name: str, path: tuple, variable, sharding) -> jax.Array:
-  """The parameter as a global array with `sharding`, each local device's block read from the file alone."""
+def _sharded_value(reader: safetensors_io.Reader, path: tuple, variable, sharding) -> jax.Array:
+  """The parameter as a global array with `sharding`, each local device's block read from the file alone.
+
+  A stacked parameter's block spans a range of layers: it is filled layer by layer, each layer's block read
+  from that layer's tensor.
+  """
   shape = tuple(variable.shape)
   dtype = np.dtype(variable.dtype)
+  tensors = _tensors(path, shape)
 
   def key(index):
     return tuple(sl.indices(n) if isinstance(sl, slice) else sl for sl, n in zip(index, shape))
+
+  def read(index):
+    if not _is_stacked(path):
+      name, _, _ = tensors[0]
+      return read_block(reader, name, path, shape, index, dtype)
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    layers = range(*index[0].indices(shape[0]))
+    block = None
+    for j, layer in enumerate(layers):
+      name, layer_path, layer_shape = tensors[layer]
+      layer_block = read_block(reader, name, layer_path, layer_shape, index[1:], dtype)
+      if block is None:
+        block = np.empty((len(layers),) + layer_block.shape, dtype)
+      block[j] = layer_block
+    return block
 
   # Devices holding the same block (replicas) share one read; a block is dropped after its last device.
   uses = collections.Counter(key(index) for device, index in sharding.devices_indices_map(shape).items()
@@ -422,11 +464,30 @@ def _sharded_value(reader: safetensors_io.Reader, name: str, path: tuple, variab
   def callback(index):
     k = key(index)
     if k not in blocks:
-      blocks[k] = read_block(reader, name, path, shape, index, dtype)
+      blocks[k] = read(index)
     uses[k] -= 1
     return blocks.pop(k) if uses[k] <= 0 else blocks[k]
 
   return jax.make_array_from_callback(shape, sharding, callback)
+
+
+def _host_value(reader: safetensors_io.Reader, path: tuple, shape: tuple[int, ...]) -> np.ndarray:
+  """The whole parameter on the host, in the file's dtype (a stacked one filled layer by layer)."""
+  tensors = _tensors(path, shape)
+  if not _is_stacked(path):
+    name, _, _ = tensors[0]
+    tensor = reader.get(name)
+    host = _from_hf(path, tensor, shape)
+    if np.may_share_memory(host, tensor):  # Never hand JAX a view of the memory map (CPU may alias it).
+      host = host.copy()
+    return host
+  host = None
+  for layer, (name, layer_path, layer_shape) in enumerate(tensors):
+    tensor = reader.get(name)
+    if host is None:
+      host = np.empty(shape, tensor.dtype)
+    host[layer] = _from_hf(layer_path, tensor, layer_shape)
+  return host
 
 
 def load_pretrained(model_dir, cfg: ModelConfig, *, shardings=None) -> Transformer:
@@ -451,15 +512,15 @@ def load_pretrained(model_dir, cfg: ModelConfig, *, shardings=None) -> Transform
   flat = nnx.to_flat_state(state)
   expected = set()
   for path, variable in flat:  # Check every name and shape before reading any data.
-    name = _hf_name(path)
-    expected.add(name)
-    if name not in reader:
-      files = ', '.join(sorted({reader.file_of(n).name for n in reader.names()})) or model_dir.name
-      raise InputError(f'{model_dir}: tensor {name!r} is missing from {files}')
-    hf_shape = _hf_shape(path, tuple(variable.shape))
-    if reader.shape(name) != hf_shape:
-      raise InputError(f'{reader.file_of(name)}: tensor {name!r} has shape {list(reader.shape(name))}, '
-                       f'expected {list(hf_shape)} from config.json')
+    for name, one_path, one_shape in _tensors(path, tuple(variable.shape)):
+      expected.add(name)
+      if name not in reader:
+        files = ', '.join(sorted({reader.file_of(n).name for n in reader.names()})) or model_dir.name
+        raise InputError(f'{model_dir}: tensor {name!r} is missing from {files}')
+      hf_shape = _hf_shape(one_path, one_shape)
+      if reader.shape(name) != hf_shape:
+        raise InputError(f'{reader.file_of(name)}: tensor {name!r} has shape {list(reader.shape(name))}, '
+                         f'expected {list(hf_shape)} from config.json')
   ignorable = {'lm_head.weight'} if cfg.tie_word_embeddings else set()
   for name in reader.names():
     if name not in expected and name not in ignorable and not name.endswith('rotary_emb.inv_freq'):
@@ -467,25 +528,29 @@ def load_pretrained(model_dir, cfg: ModelConfig, *, shardings=None) -> Transform
                        'describes')
   leaves = []
   for path, variable in flat:
-    name = _hf_name(path)
     if by_path is not None:
-      value = _sharded_value(reader, name, path, variable, by_path[path])
+      value = _sharded_value(reader, path, variable, by_path[path])
     else:
-      tensor = reader.get(name)
-      host = _from_hf(path, tensor, tuple(variable.shape))
-      if np.may_share_memory(host, tensor):  # Never hand JAX a view of the memory map (CPU may alias it).
-        host = host.copy()
-      value = jnp.asarray(host).astype(variable.dtype)
+      value = jnp.asarray(_host_value(reader, path, tuple(variable.shape))).astype(variable.dtype)
     leaves.append((path, variable.replace(value=value)))
   return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
 def to_hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
-  """The model's parameters as HF tensors (names and layouts), in the parameter dtype, on the host."""
-  out = {}
+  """The model's parameters as HF tensors (names and layouts), in the parameter dtype, on the host.
+
+  A scanned model gives the same tensors, in the same order, as the unscanned model of the same weights.
+  """
+  entries = []
   for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    out[_hf_name(path)] = _to_hf(path, np.asarray(jax.device_get(variable[...])))
-  return out
+    value = np.asarray(jax.device_get(variable[...]))
+    if _is_stacked(path):
+      entries += [(layer_path, name, _to_hf(layer_path, value[i]))
+                  for i, (name, layer_path, _) in enumerate(_tensors(path, value.shape))]
+    else:
+      entries.append((path, _hf_name(path), _to_hf(path, value)))
+  entries.sort(key=lambda entry: entry[0])  # The unscanned model's order: by path, layers by index.
+  return {name: tensor for _, name, tensor in entries}
 
 
 def _replace_atomically(path: pathlib.Path, write) -> None:

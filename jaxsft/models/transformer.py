@@ -14,6 +14,21 @@ Parameter names mirror Hugging Face (`layers.3.self_attn.q_proj.kernel`), so con
 transpose (see `jaxsft.models.hf`). Every parameter carries logical axis names as `out_sharding` metadata
 (created with `eager_sharding=False`: the model builds without a mesh or axis rules; `jaxsft.sharding`
 turns the names into shardings).
+
+`scan_layers=True` stores the decoder layers as one `DecoderLayer` whose parameters are stacked on a leading
+axis named 'layers' (`layers.self_attn.q_proj.kernel` is [L, embed, q_heads, head_dim]) and applies them with
+`nnx.scan`, so the traced program, the HLO and the compile time do not grow with depth. The stacked values are
+the per-layer values of the unscanned model of the same seed, stacked: the layout changes, not the model.
+Layers whose sliding windows differ (Qwen2 `max_window_layers` / `layer_types`) get a scanned int32 index into
+the model's distinct windows, and `lax.switch` picks the attention of that window, so every attention
+implementation still sees a static window.
+
+`remat` names a rematerialisation policy, as MaxText names them (`REMAT_POLICIES`): 'none' keeps every
+intermediate; 'full' recomputes the whole layer in the backward pass, keeping only its input; the others keep
+the outputs of the projections they name, tagged with `jax.ad_checkpoint.checkpoint_name` ('query_proj',
+'key_proj', 'value_proj', 'context' = the attention output before o_proj, 'out_proj', 'mlpwi_0' = gate,
+'mlpwi_1' = up, 'mlpwo' = down), and recompute the rest; 'minimal_offloaded' keeps what 'minimal' keeps in
+host memory instead of device memory.
 """
 
 import dataclasses
@@ -25,13 +40,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxsft import sharding
 from jaxsft.errors import InputError
 from jaxsft.models import attention as attention_lib
 
-REMAT_POLICIES = ('none', 'full')
+_QKV_NAMES = ('query_proj', 'key_proj', 'value_proj')
+_MINIMAL_NAMES = _QKV_NAMES + ('out_proj', 'mlpwi_0', 'mlpwi_1', 'mlpwo')
+# Policy → the checkpoint names whose values it keeps (MaxText's `get_remat_policy`, less the names of
+# projections this model does not have: fused 'qkv_proj', 'mlpwi').
+_SAVED_NAMES = {
+    'minimal_with_context': _MINIMAL_NAMES + ('context',),
+    'minimal': _MINIMAL_NAMES,
+    'save_dot_with_context_except_mlp': _QKV_NAMES + ('context', 'out_proj'),
+    'save_dot_except_mlpwi': _QKV_NAMES + ('out_proj', 'mlpwo'),
+    'save_dot_except_mlp': _QKV_NAMES + ('out_proj',),
+    'save_qkv_proj': _QKV_NAMES,
+    'save_out_proj': ('out_proj',),
+}
+_OFFLOADED_NAMES = {'minimal_offloaded': _MINIMAL_NAMES, 'qkv_proj_offloaded': _QKV_NAMES}
+# Fastest (most memory) first, as MaxText's base.yml orders them.
+REMAT_POLICIES = ('none',) + tuple(_SAVED_NAMES) + ('full',) + tuple(_OFFLOADED_NAMES)
 ROPE_TYPES = ('default', 'linear', 'llama3', 'yarn')
+LAYERS_AXIS = 'layers'  # Logical name of the stacked-layer axis under scan_layers.
 INIT_STD = 0.02  # transformers' default `initializer_range` for all four families.
 
 
@@ -59,6 +91,7 @@ class ModelConfig:
   param_dtype: str = 'float32'
   attention_impl: str = 'xla'
   remat: str = 'none'
+  scan_layers: bool = False
 
   def __post_init__(self):
     for name in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads', 'num_kv_heads',
@@ -86,6 +119,23 @@ class ModelConfig:
   def window(self, layer: int) -> int | None:
     """The sliding window of `layer` (None: full causal attention)."""
     return None if self.sliding_windows is None else self.sliding_windows[layer]
+
+  def distinct_windows(self) -> tuple[int | None, ...]:
+    """The model's distinct sliding windows, in order of first use (a scanned layer chooses among them)."""
+    return tuple(dict.fromkeys(self.window(i) for i in range(self.num_layers)))
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint` policy of a `REMAT_POLICIES` name; None for 'full' (save nothing) and 'none'."""
+  if name in _SAVED_NAMES:
+    return jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES[name])
+  if name in _OFFLOADED_NAMES:
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(_OFFLOADED_NAMES[name]),
+        offload_src='device', offload_dst='pinned_host')
+  if name in ('none', 'full'):
+    return None
+  raise InputError(f"config field 'model.remat' is {name!r}; expected one of {', '.join(REMAT_POLICIES)}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -235,9 +285,13 @@ def rotate(x_BxTxNxH: jax.Array, cos_BxTx1xH: jax.Array, sin_BxTx1xH: jax.Array)
 
 
 class Attention(nnx.Module):
-  """Grouped-query self-attention with RoPE, optional q/k/v/o bias and per-head q/k RMSNorm."""
+  """Grouped-query self-attention with RoPE, optional q/k/v/o bias and per-head q/k RMSNorm.
 
-  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+  `windows` are the sliding windows this module may apply (None: full attention): one for an unscanned layer;
+  under scan, the model's distinct windows, chosen per layer by `window_index`.
+  """
+
+  def __init__(self, cfg: ModelConfig, windows: tuple[int | None, ...], *, rngs: nnx.Rngs):
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     qkv_bias = cfg.qkv_bias
@@ -254,21 +308,27 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(h, cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     else:
       self.q_norm = self.k_norm = None
-    self.sliding_window = cfg.window(layer)
+    self.windows = tuple(windows)
     self.impl = cfg.attention_impl
 
-  def __call__(self, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT):
-    q_BxTxNxH = self.q_proj(x_BxTxD)
-    k_BxTxKxH = self.k_proj(x_BxTxD)
-    v_BxTxKxH = self.v_proj(x_BxTxD)
+  def __call__(self, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, window_index=None):
+    q_BxTxNxH = checkpoint_name(self.q_proj(x_BxTxD), 'query_proj')
+    k_BxTxKxH = checkpoint_name(self.k_proj(x_BxTxD), 'key_proj')
+    v_BxTxKxH = checkpoint_name(self.v_proj(x_BxTxD), 'value_proj')
     if self.q_norm is not None:
       q_BxTxNxH = self.q_norm(q_BxTxNxH)
       k_BxTxKxH = self.k_norm(k_BxTxKxH)
     q_BxTxNxH = rotate(q_BxTxNxH, cos_BxTx1xH, sin_BxTx1xH)
     k_BxTxKxH = rotate(k_BxTxKxH, cos_BxTx1xH, sin_BxTx1xH)
-    out_BxTxNxH = attention_lib.attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT,
-                                          sliding_window=self.sliding_window, impl=self.impl)
-    return self.o_proj(out_BxTxNxH)
+    out_BxTxNxH = checkpoint_name(self._attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window_index),
+                                  'context')
+    return checkpoint_name(self.o_proj(out_BxTxNxH), 'out_proj')
+
+  def _attend(self, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window_index):
+    branches = [functools.partial(attention_lib.attention, sliding_window=w, impl=self.impl) for w in self.windows]
+    if len(branches) == 1:
+      return branches[0](q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
+    return jax.lax.switch(window_index, branches, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
 
 
 class MLP(nnx.Module):
@@ -283,29 +343,59 @@ class MLP(nnx.Module):
     self.down_proj = Dense('btf,fd->btd', (f, d), ('mlp', 'embed'), (d,) if bias else None, ('embed',), **kw)
 
   def __call__(self, x_BxTxD):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
+    gate_BxTxF = checkpoint_name(self.gate_proj(x_BxTxD), 'mlpwi_0')
+    up_BxTxF = checkpoint_name(self.up_proj(x_BxTxD), 'mlpwi_1')
+    return checkpoint_name(self.down_proj(jax.nn.silu(gate_BxTxF) * up_BxTxF), 'mlpwo')
 
 
 class DecoderLayer(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
 
-  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, windows: tuple[int | None, ...], *, rngs: nnx.Rngs):
     norm = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
-    self.self_attn = Attention(cfg, layer, rngs=rngs)
+    self.self_attn = Attention(cfg, windows, rngs=rngs)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT):
-    h_BxTxD = x_BxTxD + self.self_attn(self.input_layernorm(x_BxTxD), cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT)
+  def __call__(self, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, window_index=None):
+    attn_BxTxD = self.self_attn(self.input_layernorm(x_BxTxD), cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT,
+                                window_index)
+    h_BxTxD = x_BxTxD + attn_BxTxD
     return h_BxTxD + self.mlp(self.post_attention_layernorm(h_BxTxD))
 
 
-def _apply_layer(layer: DecoderLayer, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT):
-  return layer(x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT)
+def _apply_layer(layer: DecoderLayer, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, window_index=None):
+  return sharding.constrain_batch(layer(x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, window_index))
 
 
-_apply_layer_remat = nnx.remat(_apply_layer)
+@functools.lru_cache(maxsize=None)
+def _layer_fn(remat: str, scanned: bool):
+  """`_apply_layer` under `remat`'s `jax.checkpoint` policy (unchanged for 'none').
+
+  Inside a scan, common-subexpression elimination across the checkpoint cannot happen (each iteration is its
+  own loop body), so `prevent_cse` is off there, as MaxText and JAX's remat notes advise.
+  """
+  if remat == 'none':
+    return _apply_layer
+  return nnx.remat(_apply_layer, policy=remat_policy(remat), prevent_cse=not scanned)
+
+
+def _stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
+  """One DecoderLayer whose parameters are `layers`' stacked on a leading axis, logically named 'layers'."""
+  graphdef = nnx.graphdef(layers[0])
+  states = [nnx.state(layer) for layer in layers]
+
+  def stack(*variables):
+    value = jnp.stack([v.get_value() for v in variables])
+    names = variables[0].get_metadata().get('out_sharding')
+    stacked = variables[0].replace(value=value)
+    if names:
+      stacked.set_metadata(out_sharding=(LAYERS_AXIS,) + tuple(names))
+    return stacked
+
+  stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, stacked)
 
 
 class Transformer(nnx.Module):
@@ -319,7 +409,13 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed_tokens = Embed(cfg, rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      # Built one by one from the same key stream as the unscanned model, then stacked: the same seed gives
+      # the same weights in either layout.
+      windows = cfg.distinct_windows()
+      self.layers = _stack_layers([DecoderLayer(cfg, windows, rngs=rngs) for _ in range(cfg.num_layers)])
+    else:
+      self.layers = nnx.List([DecoderLayer(cfg, (cfg.window(i),), rngs=rngs) for i in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     if cfg.tie_word_embeddings:
       self.lm_head = None
@@ -345,10 +441,26 @@ class Transformer(nnx.Module):
     segment_ids_BxT = jnp.asarray(segment_ids_BxT)
     x_BxTxD = sharding.constrain_batch(self.embed_tokens(jnp.asarray(tokens_BxT)))
     cos_BxTx1xH, sin_BxTx1xH = self._rope(positions_BxT)
-    apply = _apply_layer_remat if self.cfg.remat == 'full' else _apply_layer
-    for layer in self.layers:
-      x_BxTxD = sharding.constrain_batch(apply(layer, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT))
+    apply = _layer_fn(self.cfg.remat, self.cfg.scan_layers)
+    if self.cfg.scan_layers:
+      x_BxTxD = self._scan_layers(apply, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT)
+    else:
+      for layer in self.layers:
+        x_BxTxD = apply(layer, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT)
     return self.norm(x_BxTxD)
+
+  def _scan_layers(self, apply, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT):
+    """The stacked layers applied in a `nnx.scan` (one traced body whatever the depth)."""
+    windows = self.cfg.distinct_windows()
+    window_index_L = jnp.asarray([windows.index(self.cfg.window(i)) for i in range(self.cfg.num_layers)],
+                                 jnp.int32)
+
+    @nnx.scan(in_axes=(0, nnx.Carry, None, None, None, 0), out_axes=nnx.Carry,
+              transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+    def body(layer, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, window_index):
+      return apply(layer, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, window_index)
+
+    return body(self.layers, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, window_index_L)
 
   def unembedding(self) -> jax.Array:
     """The output projection [D, V] in the compute dtype (the embedding table transposed when tied)."""
