@@ -382,6 +382,10 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
                          eval_batch_size=config.per_device_eval_batch_size * jax.device_count(),
                          process_index=jax.process_index(), process_count=jax.process_count(), log=log)
   geometry = data.train.geometry
+  if attention_impl == 'cudnn':  # Size cuDNN's packed layout for the fullest row (+1: the padding run).
+    splits = [data.train] + ([data.eval] if data.eval is not None else [])
+    most = max(int(np.diff(split.plan.bins.offsets).max(initial=1)) for split in splits) + 1
+    model_cfg = dataclasses.replace(model_cfg, max_segments=most)
   warmup = optim.num_warmup_steps(geometry.total_steps, config.warmup_steps, config.warmup_ratio)
   tx, schedule = make_optimizer(config, geometry.total_steps)
   resolved = _resolved_config(config, {

@@ -92,6 +92,9 @@ class ModelConfig:
   attention_impl: str = 'xla'
   remat: str = 'none'
   scan_layers: bool = False
+  # Most documents (runs of equal segment ids, padding included) in one row: cuDNN's packed attention layout
+  # is sized by it (None: attention.DEFAULT_MAX_SEGMENTS). The trainer sets it from the packing plan.
+  max_segments: int | None = None
 
   def __post_init__(self):
     for name in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads', 'num_kv_heads',
@@ -310,6 +313,7 @@ class Attention(nnx.Module):
       self.q_norm = self.k_norm = None
     self.windows = tuple(windows)
     self.impl = cfg.attention_impl
+    self.max_segments = cfg.max_segments
 
   def __call__(self, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, window_index=None):
     q_BxTxNxH = checkpoint_name(self.q_proj(x_BxTxD), 'query_proj')
@@ -325,7 +329,8 @@ class Attention(nnx.Module):
     return checkpoint_name(self.o_proj(out_BxTxNxH), 'out_proj')
 
   def _attend(self, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window_index):
-    branches = [functools.partial(attention_lib.attention, sliding_window=w, impl=self.impl) for w in self.windows]
+    branches = [functools.partial(attention_lib.attention, sliding_window=w, impl=self.impl,
+                                  max_segments=self.max_segments) for w in self.windows]
     if len(branches) == 1:
       return branches[0](q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
     return jax.lax.switch(window_index, branches, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
