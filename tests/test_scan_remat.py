@@ -27,6 +27,7 @@ from jaxsft import sharding
 from jaxsft.models import hf
 from jaxsft.models import safetensors_io
 from jaxsft.models import transformer
+from tests.helpers import models as models_helper
 
 ATOL = 1e-4  # Logits against transformers (as tests/test_model.py).
 SCAN_MODELS = ('qwen2', 'qwen2_sliding', 'qwen3', 'mistral', 'llama_tied')
@@ -414,24 +415,15 @@ def test_sharded_load_of_a_scanned_model_reads_only_each_devices_blocks(tiny_hf,
   axis unsharded), every layer's tensor is read once per distinct device block, exactly that block's size
   (never whole), the values equal the unsharded load bit for bit and the logits equal transformers';
   init_random with the same shardings equals the unsharded init."""
-  models = []
-  for name in ('qwen2_sliding', 'qwen3'):
-    hf_model = tiny_hf.model(name, **({'head_dim': 16} if name == 'qwen3' else {}))
-    path = tiny_hf.save(hf_model)
-    tokens, mask, positions = tiny_hf.batch('right', batch=4)
-    expected = tmp_path / f'{name}.npz'
-    np.savez(expected, tokens=tokens, mask=mask, positions=positions,
-             logits=tiny_hf.logits(hf_model, tokens, mask, positions))
-    models.append((str(path), str(expected)))
-  spec = tmp_path / 'spec.json'
-  spec.write_text(json.dumps({'models': models}))
+  names = ('qwen2_sliding', 'qwen3')
+  spec = models_helper.write_logits_spec(tiny_hf, names, tmp_path)
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
   env['PYTHONPATH'] = os.pathsep.join([os.getcwd(), env.get('PYTHONPATH', '')])
-  proc = subprocess.run([sys.executable, '-m', 'tests.test_scan_remat', 'sharded_load', str(spec)], env=env,
+  proc = subprocess.run([sys.executable, '-m', 'tests.test_scan_remat', 'sharded_load', spec], env=env,
                         capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
   checked = json.loads(proc.stdout.split('CHECKED ', 1)[1].splitlines()[0])
-  assert len(checked) == len(models) + 1, checked
+  assert len(checked) == len(names) + 1, checked
 
 
 if __name__ == '__main__':

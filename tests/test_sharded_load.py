@@ -23,6 +23,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.helpers import models as models_helper
+
 ATOL = 1e-4
 MESH = {'data': 1, 'fsdp': 4, 'tensor': 2}
 # Logical axis → mesh axis. RULES_B splits head_dim and the norm scales, which a kernel's HF layout flattens
@@ -153,17 +155,7 @@ def _worker_memory(model_dir: str, mode: str, port: str = '0', process_id: str =
 
 
 def test_sharded_load_on_8_devices_matches_unsharded_and_transformers(tiny_hf, tmp_path):
-  models = []
-  for name in MODELS:
-    hf_model = tiny_hf.model(name, **({'head_dim': 16} if name == 'qwen3' else {}))
-    path = tiny_hf.save(hf_model)
-    tokens, mask, positions = tiny_hf.batch('right', batch=4)
-    expected = tmp_path / f'{name}.npz'
-    np.savez(expected, tokens=tokens, mask=mask, positions=positions,
-             logits=tiny_hf.logits(hf_model, tokens, mask, positions))
-    models.append((str(path), str(expected)))
-  spec = tmp_path / 'spec.json'
-  spec.write_text(json.dumps({'models': models}))
+  spec = models_helper.write_logits_spec(tiny_hf, MODELS, tmp_path)
   out = _run(['correctness', str(spec)])
   checked = json.loads(out.split('CHECKED ', 1)[1].splitlines()[0])
   assert len(checked) == 2 * len(MODELS) + 1, checked

@@ -20,3 +20,24 @@ def save_tiny_qwen2(model_dir, *, hidden_size: int, intermediate_size: int) -> s
   transformers.Qwen2ForCausalLM(hf_cfg).to(torch.float32).save_pretrained(model_dir)
   tokenizer.save_pretrained(model_dir)
   return str(model_dir)
+
+
+def write_logits_spec(tiny_hf, names, out_dir) -> str:
+  """Saves each tiny model `names` and its transformers logits on a right-padded batch (for the subprocess
+  sharded-load tests); returns the path of the spec.json listing the (model dir, expected .npz) pairs."""
+  import json  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  out_dir = pathlib.Path(out_dir)
+  models = []
+  for name in names:
+    hf_model = tiny_hf.model(name, **({'head_dim': 16} if name == 'qwen3' else {}))
+    path = tiny_hf.save(hf_model)
+    tokens, mask, positions = tiny_hf.batch('right', batch=4)
+    expected = out_dir / f'{name}.npz'
+    np.savez(expected, tokens=tokens, mask=mask, positions=positions,
+             logits=tiny_hf.logits(hf_model, tokens, mask, positions))
+    models.append((str(path), str(expected)))
+  spec = out_dir / 'spec.json'
+  spec.write_text(json.dumps({'models': models}))
+  return str(spec)
