@@ -17,6 +17,11 @@ require() {
   [[ -n "$2" ]] || die "missing required argument $1 (see --help)"
 }
 
+# plain_name FLAG VALUE: fails unless VALUE is a plain name (letters, digits, '_', '.', '-'), safe in paths.
+plain_name() {
+  [[ "$2" =~ ^[A-Za-z0-9_.-]+$ ]] || die "$1 must be letters, digits, '_', '.', '-': got $2"
+}
+
 # quote ARG: ARG as one shell word; plain words stay bare, anything else is single-quoted.
 quote() {
   if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then

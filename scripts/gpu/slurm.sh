@@ -62,7 +62,7 @@ done
 [[ -n "$nodes" ]] || die "missing required argument --nodes (see --help)"
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive number, got $nodes"
 [[ "$gpus" =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node must be a positive number, got $gpus"
-[[ "$job" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--job-name must be letters, digits, '_', '.', '-': got $job"
+plain_name --job-name "$job"
 [[ ${#train_args[@]} -gt 0 ]] || die "missing training arguments (e.g. -- --config configs/sft.py)"
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"

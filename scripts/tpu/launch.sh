@@ -53,7 +53,7 @@ require --name "$name"
 require --zone "$zone"
 [[ ${#train_args[@]} -gt 0 ]] || die "missing training arguments (e.g. -- --config configs/sft.py)"
 [[ -n "$run_name" ]] || run_name="run-$(date +%Y%m%d-%H%M%S)"
-[[ "$run_name" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--run must be letters, digits, '_', '.', '-': got $run_name"
+plain_name --run "$run_name"
 
 logdir="$REMOTE_LOGS/$run_name"
 # The worker index comes from the TPU VM metadata server (hostnames end in -w-I as a fallback).

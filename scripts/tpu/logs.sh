@@ -47,7 +47,7 @@ require --name "$name"
 require --zone "$zone"
 [[ "$worker" =~ ^([0-9]+|all)$ ]] || die "--worker must be a worker number or all, got $worker"
 [[ "$lines" =~ ^[0-9]+$ ]] || die "--lines must be a number, got $lines"
-[[ -z "$run_name" || "$run_name" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--run must be letters, digits, '_', '.', '-'"
+[[ -z "$run_name" ]] || plain_name --run "$run_name"
 
 if [[ -n "$run_name" ]]; then
   dir="$REMOTE_LOGS/$run_name"

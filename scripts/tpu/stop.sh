@@ -33,8 +33,7 @@ while [[ $# -gt 0 ]]; do
     --name) need "$1" "$#" "${2:-}"; name="$2"; shift 2 ;;
     --zone) need "$1" "$#" "${2:-}"; zone="$2"; shift 2 ;;
     --project) need "$1" "$#" "${2:-}"; PROJECT="$2"; shift 2 ;;
-    --run) need "$1" "$#" "${2:-}"; run_name="$2"
-      [[ "$run_name" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--run must be letters, digits, '_', '.', '-'"; shift 2 ;;
+    --run) need "$1" "$#" "${2:-}"; run_name="$2"; plain_name --run "$run_name"; shift 2 ;;
     --force) signal="KILL"; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
