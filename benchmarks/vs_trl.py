@@ -29,6 +29,9 @@ accumulation, max_length, seed, float32 compute (bf16=False), gradient checkpoin
 default), logging every step, no checkpoint within the timed steps.
 * equal settings, packing=False: TRL's collator pads each batch to its longest row; jaxsft pads every row to
   max_length (static shapes: one compilation).
+* padding-free (jaxsft padding_free=True): the equal-settings steps, the same conversations per step, laid out
+  best-fit-decreasing in as few rows as they fill, run as micro-batches of one row (batch 1 × accumulation
+  batch-size), against TRL's equal-settings run.
 * best settings: jaxsft with packing=True (best-fit decreasing of whole conversations into max_length rows),
   against the fastest of TRL's CPU options measured here: packing=True (bfd, which TRL runs padding-free:
   one flattened row, documents separated by position ids) and packing=False with
@@ -74,6 +77,9 @@ RUNS = {  # name → (side, settings that differ from the equal-settings run).
     'trl_packing': ('trl', {'packing': True}),
     'trl_group_by_length': ('trl', {'train_sampling_strategy': 'group_by_length'}),
     'jaxsft_packing': ('jaxsft', {'packing': True}),
+    # The equal-settings steps (the same conversations per step), padding-free: one-row micro-batches, so each
+    # step computes only the rows its conversations fill (see `launch`).
+    'jaxsft_padding_free': ('jaxsft', {'padding_free': True}),
 }
 
 
@@ -287,7 +293,7 @@ def jaxsft_worker(spec: dict) -> dict:
   from jaxsft import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   from jaxsft import trainer  # pylint: disable=import-outside-toplevel
   from jaxsft.data import pipeline  # pylint: disable=import-outside-toplevel
-  steps, input_tokens = [], {}
+  steps, input_tokens, micro_batches = [], {}, {}
   write, getitem = metrics_lib.MetricsWriter.write, pipeline.StepSource.__getitem__
 
   def timed_write(self, row):
@@ -301,6 +307,7 @@ def jaxsft_worker(spec: dict) -> dict:
   def counted_getitem(self, step):
     element = getitem(self, step)
     input_tokens[step] = int(element['num_input_tokens'])
+    micro_batches[step] = len(element['micro_batches'])
     return element
 
   metrics_lib.MetricsWriter.write = timed_write
@@ -323,15 +330,17 @@ def jaxsft_worker(spec: dict) -> dict:
   config.max_length = s['max_length']
   config.gradient_checkpointing = s['gradient_checkpointing']
   config.packing = s.get('packing', False)
+  config.padding_free = s.get('padding_free', False)
   config.seed = s['seed']
   config.lock()
   trainer.run(config)
-  total = 0
-  # Static shapes: every row of every micro-batch is max_length long.
-  per_step = s['batch_size'] * jax.device_count() * s['accumulation'] * s['max_length']
+  total = positions = 0
+  # Static shapes: every row of every micro-batch is max_length long (padding-free steps have fewer micro-batches).
+  per_micro_batch = s['batch_size'] * jax.device_count() * s['max_length']
   for i, step in enumerate(steps):
     total += input_tokens[i]
-    step.update(tokens=total, positions=per_step * (i + 1))
+    positions += per_micro_batch * micro_batches[i]
+    step.update(tokens=total, positions=positions)
   device = jax.devices()[0]
   return {'steps': steps, 'device': f'{jax.device_count()} x {device.device_kind}',
           'peak_flops': metrics_lib.peak_flops_per_device(device)}
@@ -355,6 +364,8 @@ def launch(name: str, args, model_dir: str, data_file: str, workdir: str) -> dic
   settings = dict(steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
                   accumulation=args.accumulation, max_length=args.max_length, seed=args.seed, bf16=args.bf16,
                   gradient_checkpointing=args.gradient_checkpointing == 'true', **extra)
+  if extra.get('padding_free'):  # The same conversations per step, in micro-batches of one row.
+    settings.update(batch_size=1, accumulation=args.batch_size * args.accumulation)
   spec = dict(side=side, model_dir=model_dir, data_file=data_file, output_dir=out, settings=settings,
               result=os.path.join(out, 'result.json'))
   env = dict(os.environ, JAXSFT_CACHE_DIR=os.path.join(out, 'cache'), HF_DATASETS_CACHE=os.path.join(out, 'hf_cache'),
@@ -416,6 +427,8 @@ def report(results: dict) -> dict:
   ratios = {}
   if 'trl' in results and 'jaxsft' in results:
     ratios.update(_ratios('equal', results['jaxsft'], results['trl']))
+  if 'trl' in results and 'jaxsft_padding_free' in results:
+    ratios.update(_ratios('padding_free', results['jaxsft_padding_free'], results['trl']))
   trl_runs = [n for n in ('trl', 'trl_packing', 'trl_group_by_length') if n in results]
   if trl_runs and 'jaxsft_packing' in results:
     best = max(trl_runs, key=lambda n: results[n]['tokens_per_s'])

@@ -212,13 +212,17 @@ def _one_line(e: BaseException) -> str:
 # `resume_allow_changes`.
 HARMLESS_FIELDS = frozenset({
     'output_dir', 'resume_from_checkpoint', 'resume_allow_changes', 'logging_steps', 'disable_tqdm',
-    'report_to', 'save_steps', 'save_total_limit', 'eval_strategy', 'eval_steps', 'per_device_eval_batch_size',
+    'report_to', 'run_name', 'logging_dir', 'wandb_project', 'wandb_entity', 'wandb_run_group', 'save_steps',
+    'save_total_limit', 'eval_strategy', 'eval_steps', 'per_device_eval_batch_size',
     'dataset_num_proc', 'dataloader_num_workers', 'dataset_cache_dir', 'accuracy_eval_problems',
     'accuracy_eval_max_new_tokens', 'export_dtype', 'mesh.data', 'mesh.fsdp', 'mesh.tensor', 'model.remat',
-    'gradient_checkpointing', 'model.loss_chunk_size', 'model.attention_impl',
+    'gradient_checkpointing', 'model.loss_chunk_size', 'model.attention_impl', 'eval_generation_prompts',
+    'eval_generation_max_new_tokens', 'eval_generation_temperature', 'eval_generation_top_p',
     # The batch per step is checked as a whole ('global_batch_size'): how it splits into devices and
     # micro-batches does not change the step (the loss is normalised by the step's token count).
     'per_device_train_batch_size', 'gradient_accumulation_steps',
+    # The same conversations per step, laid out in fewer rows: only the float summation order changes.
+    'padding_free',
 })
 
 

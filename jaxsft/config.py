@@ -22,6 +22,7 @@ from jaxsft.optim import SCHEDULES
 MODEL_INITS = ('pretrained', 'random')
 EXPORT_DTYPES = ('bfloat16', 'float32')
 EVAL_STRATEGIES = ('no', 'steps', 'epoch')
+REPORT_TO = ('tensorboard', 'wandb')
 
 
 def base_config() -> config_dict.ConfigDict:
@@ -45,6 +46,9 @@ def base_config() -> config_dict.ConfigDict:
   c.dataset_text_field = 'text'
   c.max_length = 1024
   c.packing = False  # Best-fit-decreasing packing of whole conversations into max_length rows (TRL's bfd).
+  # Unpacked steps (the same conversations per step as packing=False) laid out best-fit-decreasing into the
+  # fewest max_length rows: the unpacked loss, with far fewer padding tokens computed (TRL's padding_free).
+  c.padding_free = False
   c.skip_bad_rows = False  # False: a malformed row is an error naming it; True: skipped and counted.
   c.dataset_num_proc = config_dict.placeholder(int)  # Processes for the length pass; None: all CPU cores.
   c.dataloader_num_workers = 0  # grain worker processes that tokenize batches (0: threads in-process).
@@ -67,6 +71,9 @@ def base_config() -> config_dict.ConfigDict:
   c.per_device_train_batch_size = 8
   c.per_device_eval_batch_size = 8
   c.gradient_accumulation_steps = 1
+  # Rows per optimizer step, kept whatever the device count: when set, gradient_accumulation_steps is derived
+  # as global_batch_size / (per_device_train_batch_size × devices) (open-r1's recipes: 2 × 8 × 8 = 128).
+  c.global_batch_size = config_dict.placeholder(int)
   c.max_grad_norm = 1.0
   c.weight_decay = 0.0
   c.adam_beta1 = 0.9
@@ -79,12 +86,28 @@ def base_config() -> config_dict.ConfigDict:
   c.eval_strategy = 'no'  # 'no' | 'steps' (every eval_steps) | 'epoch'.
   c.eval_steps = config_dict.placeholder(float)  # None: logging_steps; < 1: a fraction of the total steps.
 
-  # Logging.
+  # At each evaluation, answer this many prompts of the eval split (their conversation up to the last
+  # assistant turn) with the KV-cache sampler; logged to metrics.jsonl and TensorBoard/W&B text. 0 = off.
+  c.eval_generation_prompts = 4
+  c.eval_generation_max_new_tokens = 256
+  c.eval_generation_temperature = 0.0  # 0: greedy.
+  c.eval_generation_top_p = 1.0
+
+  # Logging: metrics.jsonl always; report_to adds 'tensorboard' and/or 'wandb' (comma-separated, 'all' or
+  # 'none'; W&B honours WANDB_MODE=offline). Process 0 only.
   c.logging_steps = 10
   c.disable_tqdm = False
+  c.report_to = 'none'
+  c.run_name = config_dict.placeholder(str)  # W&B run name; None: the output_dir's base name.
+  c.logging_dir = config_dict.placeholder(str)  # TensorBoard event directory; None: OUTPUT_DIR/tensorboard.
+  c.wandb_project = config_dict.placeholder(str)  # open-r1's names; None: $WANDB_PROJECT or 'jaxsft'.
+  c.wandb_entity = config_dict.placeholder(str)
+  c.wandb_run_group = config_dict.placeholder(str)
 
   # Checkpoints (OUTPUT_DIR/checkpoints/STEP, Orbax, asynchronous) and the Hugging Face export (OUTPUT_DIR/hf).
-  c.save_steps = 500  # Also saved at the end of each epoch, at the end of training and on SIGTERM/SIGINT.
+  # Also saved at the end of each epoch, at the end of training and on SIGTERM/SIGINT. A value below 1 is a
+  # fraction of the total steps (transformers' meaning); 0: only at epoch ends.
+  c.save_steps = 500.0
   c.save_total_limit = config_dict.placeholder(int)  # Keep the newest N checkpoints; None: keep all.
   # A run whose output_dir holds checkpoints resumes from the newest complete one; this names another
   # (OUTPUT_DIR or OUTPUT_DIR/checkpoints/STEP) to start from.
@@ -152,8 +175,17 @@ def validate(config: config_dict.ConfigDict) -> None:
   _choice(config.model_init, 'model_init', MODEL_INITS)
   if config.export_dtype is not None:
     _choice(config.export_dtype, 'export_dtype', EXPORT_DTYPES)
-  if config.save_steps < 0:
-    raise InputError(f"config field 'save_steps' must be non-negative (0: only at epoch ends), got {config.save_steps}")
+  if config.save_steps < 0 or (config.save_steps > 1 and config.save_steps != int(config.save_steps)):
+    raise InputError(f"config field 'save_steps' must be 0 (only at epoch ends), a fraction below 1 or a whole "
+                     f'number of steps, got {config.save_steps}')
+  report_to(config)
+  if config.global_batch_size is not None and config.global_batch_size < 1:
+    raise InputError(f"config field 'global_batch_size' must be positive or None, got {config.global_batch_size}")
+  _positive(config, 'eval_generation_prompts', allow_zero=True)
+  _positive(config, 'eval_generation_max_new_tokens')
+  _positive(config, 'eval_generation_temperature', allow_zero=True)
+  if not 0 < config.eval_generation_top_p <= 1:
+    raise InputError(f"config field 'eval_generation_top_p' must be in (0, 1], got {config.eval_generation_top_p}")
   if config.save_total_limit is not None and config.save_total_limit < 1:
     raise InputError(f"config field 'save_total_limit' must be positive or None, got {config.save_total_limit}")
   if config.resume_from_checkpoint and not os.path.isdir(os.path.expanduser(config.resume_from_checkpoint)):
@@ -208,6 +240,46 @@ def eval_interval(config: config_dict.ConfigDict, total_steps: int) -> int:
   if steps != int(steps):
     raise InputError(f"config field 'eval_steps' must be an integer or a fraction below 1, got {steps!r}")
   return int(steps)
+
+
+def save_interval(config: config_dict.ConfigDict, total_steps: int) -> int:
+  """Steps between periodic checkpoints (0: none); transformers: a save_steps below 1 is a fraction of the run."""
+  if 0 < config.save_steps < 1:
+    return max(math.ceil(config.save_steps * total_steps), 1)
+  return int(config.save_steps)
+
+
+def report_to(config: config_dict.ConfigDict) -> tuple[str, ...]:
+  """The integrations named by `report_to` ('none', 'all', or a comma-separated subset of REPORT_TO)."""
+  value = config.report_to
+  names = [v.strip() for v in (','.join(value) if isinstance(value, (list, tuple)) else str(value or '')).split(',')]
+  names = [n for n in names if n and n != 'none']
+  if names == ['all']:
+    return REPORT_TO
+  for name in names:
+    if name not in REPORT_TO:
+      raise InputError(f"config field 'report_to' names {name!r}; expected 'none', 'all' or a comma-separated "
+                       f'subset of {", ".join(REPORT_TO)}')
+  return tuple(dict.fromkeys(names))
+
+
+def batch_split(config: config_dict.ConfigDict, num_devices: int) -> tuple[int, int]:
+  """(per-device rows per micro-batch, micro-batches per optimizer step) on `num_devices` devices.
+
+  With `global_batch_size` set, the accumulation is derived so that every step has exactly that many rows
+  (open-r1's 2 per device × 8 accumulation × 8 GPUs = 128 stays 128 on 16, 32 or 64 TPU chips).
+  """
+  per_device = config.per_device_train_batch_size
+  if config.global_batch_size is None:
+    return per_device, config.gradient_accumulation_steps
+  rows = per_device * num_devices
+  if config.global_batch_size % rows:
+    hint = ''
+    if config.global_batch_size % num_devices == 0:
+      hint = f' (--config.per_device_train_batch_size={config.global_batch_size // num_devices} would)'
+    raise InputError(f"config field 'global_batch_size' {config.global_batch_size} is not a multiple of "
+                     f'per_device_train_batch_size {per_device} × {num_devices} devices = {rows}{hint}')
+  return per_device, config.global_batch_size // rows
 
 
 def cache_dir(config: config_dict.ConfigDict) -> str:

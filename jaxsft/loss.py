@@ -86,7 +86,8 @@ def cross_entropy_sums(hidden_BxTxD: jax.Array, unembed_DxV: jax.Array, targets_
   `chunk_size × V` numbers for the whole batch, and fewer per device when the batch is sharded. Logits are
   computed from `hidden` and `unembed` in their (compute) dtype with float32 accumulation. Under autodiff each
   chunk's gradients are computed in the forward scan (see `_fused_sums_fwd`); the residuals are the gradients
-  themselves: one the size of `hidden`, one the size of `unembed` (accumulated in float32). Gradients flow to `hidden_BxTxD` and `unembed_DxV`, never to targets or weights.
+  themselves: one the size of `hidden`, one the size of `unembed` (accumulated in float32). Gradients flow to
+  `hidden_BxTxD` and `unembed_DxV`, never to targets or weights.
 
   Args:
     hidden_BxTxD: final hidden states (after the final norm).

@@ -126,7 +126,8 @@ def global_norm(tree: Any) -> jax.Array:
 def make_optimizer(*, learning_rate: float, lr_scheduler_type: str, total_steps: int, warmup_steps: int,
                    warmup_ratio: float, min_lr_rate: float | None, weight_decay: float, adam_beta1: float,
                    adam_beta2: float, adam_epsilon: float, max_grad_norm: float,
-                   gradient_accumulation_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                   gradient_accumulation_steps: int | np.ndarray) -> tuple[optax.GradientTransformation,
+                                                                           optax.Schedule]:
   """AdamW + global-norm clipping + gradient accumulation, with transformers' schedule; and the schedule.
 
   The transformation is `optax.MultiSteps(chain(clip_by_global_norm, adamw), every_k_schedule=
@@ -154,12 +155,14 @@ def make_optimizer(*, learning_rate: float, lr_scheduler_type: str, total_steps:
     weight_decay: decoupled weight decay, masked by `decay_mask`.
     adam_beta1, adam_beta2, adam_epsilon: AdamW's hyperparameters (eps added outside the square root).
     max_grad_norm: clip the step's gradient to this global norm; <= 0 disables clipping.
-    gradient_accumulation_steps: micro-batches per optimizer update.
+    gradient_accumulation_steps: micro-batches per optimizer update; or an int array with the count of each
+      update in turn (padding-free steps: each step's conversations fill a different number of micro-batches).
 
   Returns:
     (the transformation, the schedule: lr of update number `step`, counted from 0).
   """
-  if gradient_accumulation_steps < 1:
+  counts = np.asarray(gradient_accumulation_steps)
+  if counts.size == 0 or counts.min() < 1:
     raise InputError(f"config field 'gradient_accumulation_steps' must be positive, got {gradient_accumulation_steps}")
   warmup = num_warmup_steps(total_steps, warmup_steps, warmup_ratio)
   schedule = make_schedule(lr_scheduler_type, learning_rate=learning_rate, total_steps=total_steps,
@@ -169,6 +172,10 @@ def make_optimizer(*, learning_rate: float, lr_scheduler_type: str, total_steps:
     parts.append(optax.clip_by_global_norm(max_grad_norm))
   parts.append(optax.adamw(schedule, b1=adam_beta1, b2=adam_beta2, eps=adam_epsilon,
                            weight_decay=weight_decay, mask=decay_mask))
-  tx = optax.MultiSteps(optax.chain(*parts), every_k_schedule=gradient_accumulation_steps,
-                        use_grad_mean=False)
+  if counts.ndim == 0:
+    every_k = int(counts)
+  else:
+    counts_S = jnp.asarray(counts, jnp.int32)
+    every_k = lambda step: counts_S[jnp.minimum(step, counts_S.shape[0] - 1)]  # MultiSteps' update count.
+  tx = optax.MultiSteps(optax.chain(*parts), every_k_schedule=every_k, use_grad_mean=False)
   return tx.gradient_transformation(), schedule

@@ -12,9 +12,10 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 NUMBER = r'[\d,]+(?:\.\d+)?'
-RUNS = ('trl', 'jaxsft', 'trl_packing', 'trl_group_by_length', 'jaxsft_packing')
+RUNS = ('trl', 'jaxsft', 'trl_packing', 'trl_group_by_length', 'jaxsft_packing', 'jaxsft_padding_free')
 LABELS = {'trl': 'trl equal settings', 'jaxsft': 'jaxsft equal settings', 'trl_packing': 'trl packing',
-          'trl_group_by_length': 'trl group_by_length', 'jaxsft_packing': 'jaxsft packing'}
+          'trl_group_by_length': 'trl group_by_length', 'jaxsft_packing': 'jaxsft packing',
+          'jaxsft_padding_free': 'jaxsft padding_free'}
 
 
 def test_vs_trl_benchmark_prints_figures_and_ratios(tmp_path):
@@ -37,7 +38,7 @@ def test_vs_trl_benchmark_prints_figures_and_ratios(tmp_path):
   ratio_line = text.strip().splitlines()[-1]
   assert ratio_line.startswith('ratios jaxsft / TRL')
   ratios = dict(re.findall(r'(\w+) (\d+\.\d+)', ratio_line))
-  assert set(ratios) == {f'{p}_{k}' for p in ('equal', 'best')
+  assert set(ratios) == {f'{p}_{k}' for p in ('equal', 'padding_free', 'best')
                          for k in ('tokens_per_s', 'tokens_per_cpu_s', 'first_step', 'peak_memory')}
   assert all(float(v) > 0 for v in ratios.values())
 
@@ -59,4 +60,9 @@ def test_vs_trl_benchmark_prints_figures_and_ratios(tmp_path):
   assert figures['jaxsft']['steps'][-1]['positions'] == 3 * batch * max_length
   assert figures['trl_packing']['padding_efficiency'] == 1.0
   assert figures['jaxsft_packing']['padding_efficiency'] > figures['jaxsft']['padding_efficiency']
+  # Padding-free: the equal-settings conversations (the same loss tokens per step), in fewer computed rows.
+  free = figures['jaxsft_padding_free']
+  assert free['settings']['batch_size'] * free['settings']['accumulation'] == batch
+  assert free['steps'][-1]['positions'] < figures['jaxsft']['steps'][-1]['positions']
+  assert free['padding_efficiency'] > figures['jaxsft']['padding_efficiency']
   assert set(os.listdir(tmp_path / 'work' / 'jaxsft')) == {'log.txt', 'result.json'}  # Run outputs are removed.

@@ -16,6 +16,12 @@
    processes with `dataloader_num_workers`); its state is the number of steps consumed, so a restored
    iterator yields exactly the batches an uninterrupted one would, mid-epoch and with packing.
 
+Padding-free steps (`padding_free`, TRL's name, unpacked plans only): a step holds exactly the conversations it
+would hold unpacked, but laid out best-fit-decreasing into the fewest `seq_len` rows, so the step needs
+ceil(rows / G) micro-batches instead of `accumulation` (a per-step count, known up front for the whole run). The
+loss of a step is its token sum over its token count whatever the layout, so this is the unpacked run's
+arithmetic with (for long-tailed lengths) several times fewer padded tokens to compute.
+
 Why not grain's own `BestFitPackIterDataset`: it packs a stream, so the number of packed rows — and with it
 the schedule length and the point where hosts' epochs end — is known only after the stream has been read.
 Packing a plan from the index gives exact step counts up front, identical batches on every launch and
@@ -95,21 +101,33 @@ def _permutation(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
 class StepSource:
   """Random access to this process's part of every optimizer step (a grain data source).
 
-  `source[s]` = {'micro_batches': [accumulation × {key: int32 [local_rows, seq_len]}], 'num_targets': loss
+  `source[s]` = {'micro_batches': [micro_batches_per_step[s] × {key: int32 [local_rows, seq_len]}], 'num_targets': loss
   tokens of the whole global step, 'num_input_tokens': its non-padding tokens, 'epoch': e}. Steps past the end
   of the plan within an epoch are filled
   with empty rows (no loss tokens), so every step has the same shape.
   """
 
   def __init__(self, source, tokenizer, options: index_lib.Options, plan: Plan, geometry: Geometry, *,
-               seed: int, shuffle: bool, pad_id: int, process_index: int = 0, process_count: int = 1):
+               seed: int, shuffle: bool, pad_id: int, process_index: int = 0, process_count: int = 1,
+               padding_free: bool = False):
     if geometry.micro_batch_size % process_count:
       raise ValueError(f'a micro-batch of {geometry.micro_batch_size} rows does not split over '
                        f'{process_count} processes')
+    if padding_free and plan.packed:
+      raise ValueError('padding_free steps need an unpacked plan (one conversation per plan row)')
     self.source, self.tokenizer, self.options, self.plan, self.geometry = source, tokenizer, options, plan, geometry
     self.seed, self.shuffle, self.pad_id = seed, shuffle, pad_id
     self.process_index, self.process_count = process_index, process_count
     self.local_rows = geometry.micro_batch_size // process_count
+    self.padding_free = padding_free
+    # Per step: micro-batches, and the most conversations in one row (sizes cuDNN's packed layout).
+    self.micro_batches_per_step = np.full(len(self), geometry.accumulation, np.int32)
+    self.max_documents_per_row = int(np.diff(plan.bins.offsets).max(initial=1))
+    if padding_free:
+      for step in range(len(self)):
+        rows = self._padding_free_rows(step)
+        self.micro_batches_per_step[step] = max(math.ceil(len(rows) / geometry.micro_batch_size), 1)
+        self.max_documents_per_row = max(self.max_documents_per_row, max((len(r) for r in rows), default=1))
 
   def __len__(self) -> int:
     return self.geometry.total_steps
@@ -128,30 +146,44 @@ class StepSource:
       rows.append(order[m * g.micro_batch_size:(m + 1) * g.micro_batch_size])
     return rows
 
+  def _padding_free_rows(self, step: int) -> list[np.ndarray]:
+    """The plan rows (conversations) of the whole unpacked `step`, best-fit-decreasing into `seq_len` rows."""
+    rows = np.concatenate(self.global_rows(step))
+    bins = packing.pack_bfd(self.plan.num_tokens[rows], self.plan.seq_len)
+    return [rows[bins.bin(b)] for b in range(len(bins))]
+
+  def micro_batch_rows(self, step: int) -> list[list[np.ndarray]]:
+    """Each micro-batch of `step`, all processes: its rows, each row the plan rows laid out in it."""
+    if not self.padding_free:
+      return [[rows[i:i + 1] for i in range(len(rows))] for rows in self.global_rows(step)]
+    rows, g = self._padding_free_rows(step), self.geometry.micro_batch_size
+    return [rows[m * g:(m + 1) * g] for m in range(int(self.micro_batches_per_step[step]))]
+
   def __getitem__(self, step: int) -> dict:
     if not 0 <= step < len(self):
       raise IndexError(step)
     micro_batches, num_targets, num_input_tokens = [], 0, 0
     lo, hi = self.process_index * self.local_rows, (self.process_index + 1) * self.local_rows
-    global_rows = self.global_rows(step)
-    mine = [[int(r) for r in rows[lo:hi]] for rows in global_rows]
-    packed = iter(self._rows([r for rows in mine for r in rows]))  # The whole step's rows in one call.
+    global_rows = self.micro_batch_rows(step)
+    mine = [rows[lo:hi] for rows in global_rows]
+    packed = iter(self._rows([row for rows in mine for row in rows]))  # The whole step's rows in one call.
     for rows, my_rows in zip(global_rows, mine):
-      num_targets += int(self.plan.num_targets[rows].sum())
-      num_input_tokens += int(self.plan.num_tokens[rows].sum())
+      num_targets += sum(int(self.plan.num_targets[row].sum()) for row in rows)
+      num_input_tokens += sum(int(self.plan.num_tokens[row].sum()) for row in rows)
       batch = [next(packed) for _ in my_rows]
       batch += [packing.empty_row(self.plan.seq_len, self.pad_id)] * (self.local_rows - len(my_rows))
       micro_batches.append({key: np.stack([row[key] for row in batch]) for key in packing.BATCH_KEYS})
     return {'micro_batches': micro_batches, 'num_targets': num_targets, 'num_input_tokens': num_input_tokens,
             'epoch': self.epoch_of(step)}
 
-  def _rows(self, plan_rows: list[int]) -> list[dict[str, np.ndarray]]:
-    """The packed rows of these plan rows; all their conversations are tokenized in one batched call.
+  def _rows(self, layout: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """One packed row per entry of `layout` (each the plan rows laid out in it, in order); all their
+    conversations are tokenized in one batched call.
 
     Raises the InputError that tokenizing the conversations one by one, in order, would raise first (a row
     that no longer reads or tokenizes: the data changed since the index was built).
     """
-    members = [[int(i) for i in self.plan.bins.bin(r)] for r in plan_rows]
+    members = [[int(i) for r in row for i in self.plan.bins.bin(int(r))] for row in layout]
     indices = [i for bin_members in members for i in bin_members]
     rows, read_error = [], None
     for i in indices:
@@ -172,14 +204,13 @@ class StepSource:
     if read_error is not None:
       raise read_error
     packed, start = [], 0
-    for plan_row, bin_members in zip(plan_rows, members):
+    for plan_rows, bin_members in zip(layout, members):
       row = packing.pack_row(examples[start:start + len(bin_members)], self.plan.seq_len, self.pad_id)
       start += len(bin_members)
-      tokens = int((row['segment_ids'] > 0).sum())
-      if tokens != self.plan.num_tokens[plan_row]:
+      tokens, expected = int((row['segment_ids'] > 0).sum()), int(self.plan.num_tokens[plan_rows].sum())
+      if tokens != expected:
         raise RuntimeError(f'{self.source.name}: rows {bin_members} tokenize to {tokens} tokens, the index says '
-                           f'{self.plan.num_tokens[plan_row]}: the data or tokenizer changed since the index was '
-                           'built (delete the cache)')
+                           f'{expected}: the data or tokenizer changed since the index was built (delete the cache)')
       packed.append(row)
     return packed
 

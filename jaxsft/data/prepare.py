@@ -71,9 +71,19 @@ def _describe(name: str, index: index_lib.Index, plan: pipeline.Plan, max_length
   return text
 
 
+def _padding_free_efficiency(steps: pipeline.StepSource) -> float:
+  """Non-padding fraction of the tokens the padding-free steps compute (empty rows included)."""
+  epochs = steps.geometry.total_steps / steps.geometry.steps_per_epoch
+  computed = int(steps.micro_batches_per_step.sum()) * steps.geometry.micro_batch_size * steps.plan.seq_len
+  return float(steps.plan.num_tokens.sum()) * epochs / max(computed, 1)
+
+
 def prepare(config: config_dict.ConfigDict, tokenizer, *, micro_batch_size: int, eval_batch_size: int,
-            process_index: int, process_count: int, log) -> Data:
-  """The train split (and the eval split when `config.eval_strategy` != 'no') of `config`."""
+            process_index: int, process_count: int, log, accumulation: int | None = None) -> Data:
+  """The train split (and the eval split when `config.eval_strategy` != 'no') of `config`.
+
+  `accumulation`: micro-batches per optimizer step (None: `config.gradient_accumulation_steps`).
+  """
   need_eval = config.eval_strategy != 'no'
   splits = sources.load_splits(dataset_name=config.dataset_name, dataset_config=config.dataset_config,
                                dataset_train_split=config.dataset_train_split,
@@ -84,19 +94,26 @@ def prepare(config: config_dict.ConfigDict, tokenizer, *, micro_batch_size: int,
 
   index = _index(config, splits.train, tokenizer, options, process_index, process_count, log)
   plan = pipeline.make_plan(index, seq_len=config.max_length, pack=config.packing)
-  geometry = pipeline.Geometry.create(len(plan), micro_batch_size, config.gradient_accumulation_steps,
+  geometry = pipeline.Geometry.create(len(plan), micro_batch_size, accumulation or config.gradient_accumulation_steps,
                                       config.num_train_epochs, config.max_steps)
+  padding_free = config.padding_free and not config.packing
   steps = pipeline.StepSource(splits.train, tokenizer, options, plan, geometry, seed=config.seed, shuffle=True,
-                              pad_id=pad_id, process_index=process_index, process_count=process_count)
+                              pad_id=pad_id, process_index=process_index, process_count=process_count,
+                              padding_free=padding_free)
   log(f'data: {_describe(splits.train_name, index, plan, config.max_length)}; format {options.fmt}'
       + (f', assistant mask from {method}' if method else ''))
+  if padding_free:
+    micro_batches = int(steps.micro_batches_per_step.sum())
+    log(f'padding-free: {micro_batches} micro-batches of {micro_batch_size} rows instead of '
+        f'{geometry.accumulation * geometry.total_steps} (tokens fill {_padding_free_efficiency(steps):.1%} of them)')
   train = Split(splits.train_name, index, plan, geometry, steps)
 
   evaluation = None
   if need_eval:
     eval_options, _ = _options(config, splits.eval, tokenizer)
     eval_index = _index(config, splits.eval, tokenizer, eval_options, process_index, process_count, log)
-    eval_plan = pipeline.make_plan(eval_index, seq_len=config.max_length, pack=config.packing)
+    # Eval loss is token-weighted over the split, whatever the layout: padding-free packs it whole.
+    eval_plan = pipeline.make_plan(eval_index, seq_len=config.max_length, pack=config.packing or config.padding_free)
     eval_geometry = pipeline.Geometry.create(len(eval_plan), eval_batch_size, 1, 1.0, -1)
     eval_steps = pipeline.StepSource(splits.eval, tokenizer, eval_options, eval_plan, eval_geometry,
                                      seed=config.seed, shuffle=False, pad_id=pad_id, process_index=process_index,
