@@ -37,14 +37,27 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
-    fail(_flag_error_message(e))
+    cause = _input_error(e)
+    fail(str(cause) if cause else _flag_error_message(e))
   except SyntaxError as e:
     fail(f'--config {e.filename} line {e.lineno}: {e.msg}')
   except (AttributeError, KeyError, ValueError, TypeError) as e:
-    fail(f'--config: {_flag_error_message(e)}')
+    cause = _input_error(e)
+    fail(str(cause) if cause else f'--config: {_flag_error_message(e)}')
   if flags.FLAGS['config'].present == 0 and flags.FLAGS.config is None:
     fail('--config is required, e.g. --config configs/tiny.py')
   return rest
+
+
+def _input_error(e: BaseException) -> InputError | None:
+  """The innermost InputError in `e`'s chain (config_flags re-raises get_config()'s with a traceback as message)."""
+  found, seen = None, set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, InputError):
+      found = e
+    e = e.__cause__ or e.__context__
+  return found
 
 
 def _flag_error_message(e: Exception) -> str:
