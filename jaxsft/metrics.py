@@ -1,4 +1,5 @@
-"""Run outputs and throughput figures: metrics.jsonl, console lines, progress bar, tokens/s, MFU, memory.
+"""Run outputs and throughput figures: metrics.jsonl, console lines, tokens/s, MFU, memory (TensorBoard, W&B and
+the progress bar: jaxsft/reporting.py).
 
 Model FLOPs of training (what MFU divides by the hardware's peak), written out:
 

@@ -265,15 +265,9 @@ def test_prefetcher_without_a_thread_loads_each_step_when_asked():
 
 @pytest.fixture(scope='module')
 def tiny_run_inputs(tmp_path_factory):
-  from tests.helpers import models  # pylint: disable=import-outside-toplevel
   from tests.helpers import processes  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp('metrics')
-  model_dir = models.save_tiny_qwen2(root / 'model', hidden_size=32, intermediate_size=64)
-  data_dir = root / 'data'
-  data_dir.mkdir()
-  processes.write_synthetic_jsonl(data_dir / 'train.jsonl', 48, seed=1)
-  processes.write_synthetic_jsonl(data_dir / 'test.jsonl', 6, seed=2)
-  return root, model_dir, str(data_dir)
+  return (root, *processes.tiny_model_and_splits(root, 48, 6))
 
 
 EVAL_SLEEP = 3.0

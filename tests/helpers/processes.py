@@ -39,3 +39,14 @@ def write_synthetic_jsonl(path, num_rows: int, seed: int) -> str:
     for i in range(num_rows):
       f.write(json.dumps({'messages': train[i]['messages']}) + '\n')
   return str(path)
+
+
+def tiny_model_and_splits(root, num_train: int, num_test: int) -> tuple[str, str]:
+  """A tiny Qwen2 (hidden 32) and a directory of synthetic train.jsonl / test.jsonl splits: a run's inputs."""
+  from tests.helpers import models  # pylint: disable=import-outside-toplevel
+  model_dir = models.save_tiny_qwen2(root / 'model', hidden_size=32, intermediate_size=64)
+  data_dir = root / 'data'
+  data_dir.mkdir()
+  write_synthetic_jsonl(data_dir / 'train.jsonl', num_train, seed=1)
+  write_synthetic_jsonl(data_dir / 'test.jsonl', num_test, seed=2)
+  return model_dir, str(data_dir)
