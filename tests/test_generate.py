@@ -1,4 +1,9 @@
-"""Tests for jaxsft.generate: batched greedy decoding equals transformers' generate(do_sample=False)."""
+"""Tests for jaxsft.generate: batched greedy decoding equals transformers' generate(do_sample=False).
+
+`greedy_generate` is the KV-cache sampler at temperature 0, `greedy_generate_uncached` the cache-free
+reference; both are checked against transformers here (tests/test_sampler.py checks them against each other
+on more architectures, and the sampler itself).
+"""
 
 import os
 
@@ -38,18 +43,20 @@ def _hf_greedy(model, prompt: list[int], eos_ids: list[int]) -> list[int]:
   return generated
 
 
+@pytest.mark.parametrize('fn', ['greedy_generate', 'greedy_generate_uncached'])
 @pytest.mark.parametrize('tied', [False, True])
-def test_greedy_generate_matches_transformers(tmp_path, tied):
+def test_greedy_generate_matches_transformers(tmp_path, tied, fn):
   model, ours = _hf_model(tmp_path, tied=tied)
+  greedy = getattr(generate, fn)
   rng = np.random.default_rng(0)
   prompts = [rng.integers(1, 96, n).tolist() for n in (5, 1, 13, 8, 3)]
   # First without an end-of-sequence id: every row runs to max_new_tokens.
-  free = generate.greedy_generate(ours, prompts, max_new_tokens=MAX_NEW_TOKENS, eos_ids=[], pad_id=0)
+  free = greedy(ours, prompts, max_new_tokens=MAX_NEW_TOKENS, eos_ids=[], pad_id=0)
   assert [len(g) for g in free] == [MAX_NEW_TOKENS] * len(prompts)
   assert free == [_hf_greedy(model, p, []) for p in prompts]
   # Then with ids that rows produce midway as end-of-sequence: those rows stop early, others do not.
   eos_ids = [free[0][4], free[2][1]]
-  stopped = generate.greedy_generate(ours, prompts, max_new_tokens=MAX_NEW_TOKENS, eos_ids=eos_ids, pad_id=0)
+  stopped = greedy(ours, prompts, max_new_tokens=MAX_NEW_TOKENS, eos_ids=eos_ids, pad_id=0)
   assert stopped == [_hf_greedy(model, p, eos_ids) for p in prompts]
   assert len(stopped[0]) <= 4 and len(stopped[2]) <= 1
   assert any(len(g) == MAX_NEW_TOKENS for g in stopped)
@@ -81,7 +88,8 @@ def test_edge_cases(tmp_path):
 
 
 def test_evaluate_accuracy_end_to_end_on_the_tiny_assets():
-  """The real pieces together: shipped tokenizer and config, random model, greedy decoding, scoring."""
+  """The real pieces together: shipped tokenizer and config, random model, greedy decoding with the KV cache,
+  scoring."""
   from jaxsft.data import synthetic
   assets = os.path.join(os.path.dirname(generate.__file__), 'assets', 'tiny')
   tokenizer = transformers.AutoTokenizer.from_pretrained(assets)

@@ -248,7 +248,7 @@ def extract_answer(text: str) -> str | None:
 def evaluate_accuracy(model, tokenizer, problems: Sequence[tuple[list[Message], str]], *,
                       max_new_tokens: int, batch_size: int = 64,
                       num_samples: int = 5) -> tuple[float, list[dict[str, Any]]]:
-  """Greedy-decodes every problem with `model` and scores exact match of the extracted answer.
+  """Greedy-decodes every problem with `model` (the KV-cache sampler) and scores exact match of the answer.
 
   Returns (accuracy, the first `num_samples` problems as dicts with prompt, expected, generated, correct).
   Prompts are grouped by length into batches of `batch_size` to keep the decoding buffers small.

@@ -164,6 +164,20 @@ def xla_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *, sliding_w
   return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, implementation='xla')
 
 
+def cached_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, positions_BxT, *, sliding_window) -> jax.Array:
+  """Decoding against a KV cache: the query at position p attends to cache slots s <= p (and p - s < window).
+
+  Slot s of the cache holds position s of the row. `sliding_window` may be traced (a scanned layer's); use a
+  window longer than the cache for full attention. XLA's softmax(q kᵀ / sqrt(H)) v, float32 softmax, as
+  `xla_attention`; returns [B, T, N, H] in the dtype of q.
+  """
+  slots_1x1xS = jnp.arange(k_BxSxKxH.shape[1], dtype=jnp.int32)[None, None, :]
+  positions_BxTx1 = jnp.asarray(positions_BxT, jnp.int32)[:, :, None]
+  allowed_BxTxS = (slots_1x1xS <= positions_BxTx1) & (positions_BxTx1 - slots_1x1xS < sliding_window)
+  return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=allowed_BxTxS[:, None],
+                                      implementation='xla')
+
+
 # ----------------------------------------------------------------------------------------------------------
 # cuDNN.
 

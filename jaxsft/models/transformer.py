@@ -29,6 +29,14 @@ the outputs of the projections they name, tagged with `jax.ad_checkpoint.checkpo
 'key_proj', 'value_proj', 'context' = the attention output before o_proj, 'out_proj', 'mlpwi_0' = gate,
 'mlpwi_1' = up, 'mlpwo' = down), and recompute the rest; 'minimal_offloaded' keeps what 'minimal' keeps in
 host memory instead of device memory.
+
+Decoding (`prefill`, `decode`; used by `jaxsft.generate`, never by training) keeps a KV cache {'key',
+'value'} of [L, B, S, K, H] in the compute dtype, slot s holding position s of the row. `prefill` runs
+right-padded prompts through the same attention as training (padding is segment 0) and writes each layer's
+rotated keys and values; `decode` takes one token per row at per-row positions, writes its key and value to
+that slot and attends to the slots at or before it (within the layer's window). Under scan the cache travels
+through the layer scan as per-layer xs/ys; on a mesh it is split over the batch axes and its kv heads over
+'tensor' where they divide.
 """
 
 import dataclasses
@@ -65,6 +73,7 @@ REMAT_POLICIES = ('none',) + tuple(_SAVED_NAMES) + ('full',) + tuple(_OFFLOADED_
 ROPE_TYPES = ('default', 'linear', 'llama3', 'yarn')
 LAYERS_AXIS = 'layers'  # Logical name of the stacked-layer axis under scan_layers.
 INIT_STD = 0.02  # transformers' default `initializer_range` for all four families.
+_NO_WINDOW = 2**30  # The window of a full-attention layer in the decoding mask (longer than any cache).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +325,13 @@ class Attention(nnx.Module):
     self.max_segments = cfg.max_segments
 
   def __call__(self, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, window_index=None):
+    q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self._project(x_BxTxD, cos_BxTx1xH, sin_BxTx1xH)
+    out_BxTxNxH = checkpoint_name(self._attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window_index),
+                                  'context')
+    return checkpoint_name(self.o_proj(out_BxTxNxH), 'out_proj')
+
+  def _project(self, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH):
+    """(q, k, v) of `x`: projected, q/k-normed where the model has it, q and k rotated."""
     q_BxTxNxH = checkpoint_name(self.q_proj(x_BxTxD), 'query_proj')
     k_BxTxKxH = checkpoint_name(self.k_proj(x_BxTxD), 'key_proj')
     v_BxTxKxH = checkpoint_name(self.v_proj(x_BxTxD), 'value_proj')
@@ -324,9 +340,29 @@ class Attention(nnx.Module):
       k_BxTxKxH = self.k_norm(k_BxTxKxH)
     q_BxTxNxH = rotate(q_BxTxNxH, cos_BxTx1xH, sin_BxTx1xH)
     k_BxTxKxH = rotate(k_BxTxKxH, cos_BxTx1xH, sin_BxTx1xH)
-    out_BxTxNxH = checkpoint_name(self._attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window_index),
-                                  'context')
-    return checkpoint_name(self.o_proj(out_BxTxNxH), 'out_proj')
+    return q_BxTxNxH, k_BxTxKxH, v_BxTxKxH
+
+  def prefill(self, x_BxPxD, cos_BxPx1xH, sin_BxPx1xH, segment_ids_BxP, cache_len: int, window_index=None):
+    """`__call__` that also returns the rotated keys and the values, zero-padded to `cache_len` slots."""
+    q_BxPxNxH, k_BxPxKxH, v_BxPxKxH = self._project(x_BxPxD, cos_BxPx1xH, sin_BxPx1xH)
+    out_BxPxNxH = self._attend(q_BxPxNxH, k_BxPxKxH, v_BxPxKxH, segment_ids_BxP, window_index)
+    pad = ((0, 0), (0, cache_len - x_BxPxD.shape[1]), (0, 0), (0, 0))
+    k_BxSxKxH = _constrain_cache(jnp.pad(k_BxPxKxH, pad))
+    v_BxSxKxH = _constrain_cache(jnp.pad(v_BxPxKxH, pad))
+    return self.o_proj(out_BxPxNxH), k_BxSxKxH, v_BxSxKxH
+
+  def decode(self, x_Bx1xD, cos_Bx1x1xH, sin_Bx1x1xH, positions_B, k_BxSxKxH, v_BxSxKxH, window_index=None):
+    """One token per row at `positions_B`: writes its key and value into the cache slot of that position,
+    then attends to the slots at or before it (within the layer's window). Returns (out, k cache, v cache)."""
+    q_Bx1xNxH, k_Bx1xKxH, v_Bx1xKxH = self._project(x_Bx1xD, cos_Bx1x1xH, sin_Bx1x1xH)
+    rows_B = jnp.arange(x_Bx1xD.shape[0])
+    k_BxSxKxH = _constrain_cache(k_BxSxKxH.at[rows_B, positions_B].set(k_Bx1xKxH[:, 0]))
+    v_BxSxKxH = _constrain_cache(v_BxSxKxH.at[rows_B, positions_B].set(v_Bx1xKxH[:, 0]))
+    windows_W = jnp.asarray([_NO_WINDOW if w is None else w for w in self.windows], jnp.int32)
+    window = windows_W[0 if window_index is None else window_index]
+    out_Bx1xNxH = attention_lib.cached_attention(q_Bx1xNxH, k_BxSxKxH, v_BxSxKxH, positions_B[:, None],
+                                                 sliding_window=window)
+    return self.o_proj(out_Bx1xNxH), k_BxSxKxH, v_BxSxKxH
 
   def _attend(self, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window_index):
     branches = [functools.partial(attention_lib.attention, sliding_window=w, impl=self.impl,
@@ -368,6 +404,32 @@ class DecoderLayer(nnx.Module):
                                 window_index)
     h_BxTxD = x_BxTxD + attn_BxTxD
     return h_BxTxD + self.mlp(self.post_attention_layernorm(h_BxTxD))
+
+  def prefill(self, x_BxPxD, cos_BxPx1xH, sin_BxPx1xH, segment_ids_BxP, cache_len: int, window_index=None):
+    """`__call__` that also returns the layer's keys and values padded to `cache_len` (see Attention.prefill)."""
+    attn_BxPxD, k_BxSxKxH, v_BxSxKxH = self.self_attn.prefill(
+        self.input_layernorm(x_BxPxD), cos_BxPx1xH, sin_BxPx1xH, segment_ids_BxP, cache_len, window_index)
+    h_BxPxD = x_BxPxD + attn_BxPxD
+    return sharding.constrain_batch(h_BxPxD + self.mlp(self.post_attention_layernorm(h_BxPxD))), k_BxSxKxH, v_BxSxKxH
+
+  def decode(self, x_Bx1xD, cos_Bx1x1xH, sin_Bx1x1xH, positions_B, k_BxSxKxH, v_BxSxKxH, window_index=None):
+    """One decoding step of the layer against its cache (see Attention.decode)."""
+    attn_Bx1xD, k_BxSxKxH, v_BxSxKxH = self.self_attn.decode(
+        self.input_layernorm(x_Bx1xD), cos_Bx1x1xH, sin_Bx1x1xH, positions_B, k_BxSxKxH, v_BxSxKxH, window_index)
+    h_Bx1xD = x_Bx1xD + attn_Bx1xD
+    return sharding.constrain_batch(h_Bx1xD + self.mlp(self.post_attention_layernorm(h_Bx1xD))), k_BxSxKxH, v_BxSxKxH
+
+
+def _constrain_cache(x_BxSxKxH: jax.Array) -> jax.Array:
+  """Pins a layer's cache to the batch mesh axes (rows) and 'tensor' (kv heads) where they divide; no mesh: x."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(sharding.BATCH_AXES) <= set(mesh.axis_names):
+    return x_BxSxKxH
+  rows = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  batch_axes = sharding.BATCH_AXES if x_BxSxKxH.shape[0] % rows == 0 else None
+  tensor = mesh.shape.get('tensor', 1)
+  head_axis = 'tensor' if tensor > 1 and x_BxSxKxH.shape[2] % tensor == 0 else None
+  return jax.lax.with_sharding_constraint(x_BxSxKxH, jax.sharding.PartitionSpec(batch_axes, None, head_axis, None))
 
 
 def _apply_layer(layer: DecoderLayer, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, window_index=None):
@@ -477,3 +539,75 @@ class Transformer(nnx.Module):
     """Logits [B, T, V] in float32."""
     hidden_BxTxD = self.hidden_states(tokens_BxT, positions_BxT, segment_ids_BxT)
     return jnp.einsum('btd,dv->btv', hidden_BxTxD, self.unembedding(), preferred_element_type=jnp.float32)
+
+  # --------------------------------------------------------------------------------------------------------
+  # Decoding with a KV cache (jaxsft.generate). The training path above does not use these.
+
+  def prefill(self, tokens_BxP: jax.Array, lengths_B: jax.Array, cache_len: int) -> tuple[jax.Array, dict]:
+    """Runs right-padded prompts (row b's tokens are tokens_BxP[b, :lengths_B[b]]) and starts their cache.
+
+    Returns the float32 logits [B, V] at each row's last prompt token and the cache {'key', 'value'}, each
+    [L, B, cache_len, K, H] in the compute dtype, slot s holding position s (prompt padding slots hold
+    padding's keys: decoding overwrites them before it can attend to them).
+    """
+    batch, prompt_len = tokens_BxP.shape
+    if cache_len < prompt_len:
+      raise ValueError(f'cache_len {cache_len} is shorter than the prompt buffer {prompt_len}')
+    positions_BxP = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
+    segment_ids_BxP = (positions_BxP < lengths_B[:, None]).astype(jnp.int32)  # Padding: segment 0, apart.
+    x_BxPxD = sharding.constrain_batch(self.embed_tokens(tokens_BxP))
+    cos_BxPx1xH, sin_BxPx1xH = self._rope(positions_BxP)
+    if self.cfg.scan_layers:
+      @nnx.scan(in_axes=(0, nnx.Carry, None, None, None, 0), out_axes=(nnx.Carry, 0, 0),
+                transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+      def body(layer, x_BxPxD, cos_BxPx1xH, sin_BxPx1xH, segment_ids_BxP, window_index):
+        return layer.prefill(x_BxPxD, cos_BxPx1xH, sin_BxPx1xH, segment_ids_BxP, cache_len, window_index)
+
+      x_BxPxD, k_LxBxSxKxH, v_LxBxSxKxH = body(self.layers, x_BxPxD, cos_BxPx1xH, sin_BxPx1xH, segment_ids_BxP,
+                                               self._window_index_L())
+    else:
+      keys, values = [], []
+      for layer in self.layers:
+        x_BxPxD, k_BxSxKxH, v_BxSxKxH = layer.prefill(x_BxPxD, cos_BxPx1xH, sin_BxPx1xH, segment_ids_BxP,
+                                                      cache_len)
+        keys.append(k_BxSxKxH)
+        values.append(v_BxSxKxH)
+      k_LxBxSxKxH, v_LxBxSxKxH = jnp.stack(keys), jnp.stack(values)
+    last_BxD = jnp.take_along_axis(x_BxPxD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    return self._last_logits(last_BxD), {'key': k_LxBxSxKxH, 'value': v_LxBxSxKxH}
+
+  def decode(self, tokens_B: jax.Array, positions_B: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """One token per row at `positions_B`: float32 logits [B, V] of the next token, and the updated cache.
+
+    Row b's key and value are written to slot positions_B[b] of every layer's cache, and the token attends to
+    slots s <= positions_B[b] (and positions_B[b] - s < w in a layer with sliding window w).
+    """
+    x_Bx1xD = sharding.constrain_batch(self.embed_tokens(tokens_B[:, None]))
+    cos_Bx1x1xH, sin_Bx1x1xH = self._rope(positions_B[:, None])
+    k_LxBxSxKxH, v_LxBxSxKxH = cache['key'], cache['value']
+    if self.cfg.scan_layers:
+      @nnx.scan(in_axes=(0, nnx.Carry, None, None, None, 0, 0, 0), out_axes=(nnx.Carry, 0, 0),
+                transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+      def body(layer, x_Bx1xD, cos_Bx1x1xH, sin_Bx1x1xH, positions_B, k_BxSxKxH, v_BxSxKxH, window_index):
+        return layer.decode(x_Bx1xD, cos_Bx1x1xH, sin_Bx1x1xH, positions_B, k_BxSxKxH, v_BxSxKxH, window_index)
+
+      x_Bx1xD, k_LxBxSxKxH, v_LxBxSxKxH = body(self.layers, x_Bx1xD, cos_Bx1x1xH, sin_Bx1x1xH, positions_B,
+                                               k_LxBxSxKxH, v_LxBxSxKxH, self._window_index_L())
+    else:
+      keys, values = [], []
+      for i, layer in enumerate(self.layers):
+        x_Bx1xD, k_BxSxKxH, v_BxSxKxH = layer.decode(x_Bx1xD, cos_Bx1x1xH, sin_Bx1x1xH, positions_B,
+                                                     k_LxBxSxKxH[i], v_LxBxSxKxH[i])
+        keys.append(k_BxSxKxH)
+        values.append(v_BxSxKxH)
+      k_LxBxSxKxH, v_LxBxSxKxH = jnp.stack(keys), jnp.stack(values)
+    return self._last_logits(x_Bx1xD[:, 0]), {'key': k_LxBxSxKxH, 'value': v_LxBxSxKxH}
+
+  def _window_index_L(self) -> jax.Array:
+    """Per layer, the index of its sliding window among `cfg.distinct_windows()` (the scanned layers' switch)."""
+    windows = self.cfg.distinct_windows()
+    return jnp.asarray([windows.index(self.cfg.window(i)) for i in range(self.cfg.num_layers)], jnp.int32)
+
+  def _last_logits(self, x_BxD: jax.Array) -> jax.Array:
+    """Float32 logits [B, V] of last-layer hidden states (before the final norm)."""
+    return jnp.einsum('bd,dv->bv', self.norm(x_BxD), self.unembedding(), preferred_element_type=jnp.float32)
