@@ -22,16 +22,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 from flax import nnx
 from ml_collections import config_dict
 
 from jaxsft import checkpoint
 from jaxsft import config as config_lib
 from jaxsft import export as export_lib
+from jaxsft import generate
 from jaxsft import loss as loss_lib
 from jaxsft import metrics as metrics_lib
 from jaxsft import optim
+from jaxsft import reporting
 from jaxsft import sharding
 from jaxsft.data import index as index_lib
 from jaxsft.data import pipeline
@@ -138,14 +139,18 @@ def model_config(config: config_dict.ConfigDict, hf_cfg: dict) -> transformer.Mo
                                  scan_layers=config.model.scan_layers)
 
 
-def make_optimizer(config: config_dict.ConfigDict, total_steps: int):
-  """(MultiSteps AdamW, schedule) from the config's optimizer fields, for `total_steps` optimizer steps."""
+def make_optimizer(config: config_dict.ConfigDict, total_steps: int, micro_batches_per_step=None):
+  """(MultiSteps AdamW, schedule) from the config's optimizer fields, for `total_steps` optimizer steps.
+
+  `micro_batches_per_step`: each step's micro-batch count when it varies (padding-free); None: the config's.
+  """
   return optim.make_optimizer(
       learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type, total_steps=total_steps,
       warmup_steps=config.warmup_steps, warmup_ratio=config.warmup_ratio, min_lr_rate=config.min_lr_rate,
       weight_decay=config.weight_decay, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
       adam_epsilon=config.adam_epsilon, max_grad_norm=config.max_grad_norm,
-      gradient_accumulation_steps=config.gradient_accumulation_steps)
+      gradient_accumulation_steps=(config_lib.batch_split(config, jax.device_count())[1]
+                                   if micro_batches_per_step is None else micro_batches_per_step))
 
 
 def build_model(config, model_dir: str, model_cfg: transformer.ModelConfig, shardings=None):
@@ -362,6 +367,7 @@ def _resolved_config(config: config_dict.ConfigDict, extra: dict) -> dict:
 def run(config: config_dict.ConfigDict) -> dict[str, Any]:
   """Trains per `config`; returns the final metrics row. Raises InputError for bad input."""
   config_lib.validate(config)
+  reporting.check_report_to(config_lib.report_to(config))  # A missing package or W&B login fails here, not later.
   check_shared_output_dir(config.output_dir)
   start = resume_point(config)
 
@@ -377,17 +383,21 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
     raise InputError(f'the tokenizer has {len(tokenizer)} tokens but the model at {model_dir!r} '
                      f'embeds only {model_cfg.vocab_size}')
   saved_meta = checkpoint.read_meta(*start) if start else None
-  micro_batch_size = config.per_device_train_batch_size * jax.device_count()
-  data = prepare.prepare(config, tokenizer, micro_batch_size=micro_batch_size,
+  per_device, accumulation = config_lib.batch_split(config, jax.device_count())
+  micro_batch_size = per_device * jax.device_count()
+  data = prepare.prepare(config, tokenizer, micro_batch_size=micro_batch_size, accumulation=accumulation,
                          eval_batch_size=config.per_device_eval_batch_size * jax.device_count(),
                          process_index=jax.process_index(), process_count=jax.process_count(), log=log)
   geometry = data.train.geometry
+  if config.accuracy_eval_problems > 0 and not (config.dataset_name or '').startswith('synthetic:'):
+    raise InputError("config field 'accuracy_eval_problems' needs a 'synthetic:' dataset_name (set it to 0)")
   if attention_impl == 'cudnn':  # Size cuDNN's packed layout for the fullest row (+1: the padding run).
     splits = [data.train] + ([data.eval] if data.eval is not None else [])
-    most = max(int(np.diff(split.plan.bins.offsets).max(initial=1)) for split in splits) + 1
+    most = max(split.steps.max_documents_per_row for split in splits) + 1
     model_cfg = dataclasses.replace(model_cfg, max_segments=most)
   warmup = optim.num_warmup_steps(geometry.total_steps, config.warmup_steps, config.warmup_ratio)
-  tx, schedule = make_optimizer(config, geometry.total_steps)
+  tx, schedule = make_optimizer(config, geometry.total_steps,
+                                data.train.steps.micro_batches_per_step if data.train.steps.padding_free else None)
   resolved = _resolved_config(config, {
       'num_devices': jax.device_count(), 'num_processes': jax.process_count(),
       'mesh': dict(mesh.shape), 'micro_batch_size': micro_batch_size,
@@ -436,7 +446,8 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
           f'compute {model_cfg.dtype}, remat {model_cfg.remat}, attention {attention_impl}')
       step_fn = TrainStep(graphdef, rest, tx, config.model.loss_chunk_size, state_shardings=shardings,
                           attention_windows=metrics_lib.layer_windows(model_cfg))
-      state, last_row = _train_loop(config, mesh, step_fn, state, data, schedule, model_cfg, manager, meta, resume)
+      state, last_row = _train_loop(config, mesh, step_fn, state, data, schedule, model_cfg, manager, meta, resume,
+                                    tokenizer)
       model = nnx.merge(graphdef, sharding.gather_to_host(state['params']), rest)
   finally:
     manager.close()
@@ -445,8 +456,6 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
     export_lib.write_hf_dir(model, hf_cfg, tokenizer, meta['generation_config'], export_dir,
                             dtype=meta['export_dtype'])
   log(f'exported the Hugging Face model to {export_dir}')
-  if config.accuracy_eval_problems > 0:
-    last_row.update(_accuracy_eval(config, model, tokenizer, geometry.total_steps))
   return last_row
 
 
@@ -577,20 +586,26 @@ class _Failure:
 
 
 def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, schedule, model_cfg,
-                manager: checkpoint.Manager, meta: dict, resume: Resume):
-  """Runs the steps from `resume.step` on; returns (state, the last metrics row).
+                manager: checkpoint.Manager, meta: dict, resume: Resume, tokenizer):
+  """Runs the steps from `resume.step` on, then the held-out accuracy check if asked; returns (state, the last
+  metrics row).
+
+  Each evaluation also answers `eval_generation_prompts` prompts of the eval split with the KV-cache sampler on
+  the training mesh (the sharded training parameters, nothing gathered), reported as text.
 
   Timing: the first step of the run (compilation included) is timed on its own and reported once, with
   the compilation alone, as 'compile_seconds' / 'first_step_seconds' in the first row; tokens/s, step_time
   and MFU cover the later steps, without evaluation time.
   """
   geometry = data.train.geometry
+  # metrics.jsonl + TensorBoard/W&B (report_to); first, so that a W&B failure leaves nothing running.
+  reporter = reporting.Reporter.from_config(config, meta['config'], resume.step)
   loader = pipeline.Loader(data.train.steps, start=resume.step, num_workers=config.dataloader_num_workers)
   eval_every = config_lib.eval_interval(config, geometry.total_steps) if config.eval_strategy == 'steps' else 0
-  writer = metrics_lib.MetricsWriter(config.output_dir)
+  save_every = config_lib.save_interval(config, geometry.total_steps)
   throughput = metrics_lib.Throughput(model_cfg, config.max_length, jax.device_count())
-  bar = tqdm.tqdm(total=geometry.total_steps, initial=resume.step,
-                  disable=config.disable_tqdm or not metrics_lib.is_main_process(), dynamic_ncols=True, desc='train')
+  bar = reporting.ProgressBar(geometry.total_steps, resume.step,
+                                disable=config.disable_tqdm or not metrics_lib.is_main_process())
   preemption = Preemption()
   window_sums, last_row = list(resume.log_window), {}  # The steps since the last logged row (for loss metrics).
   first_row_extra = {}  # Compilation timings, for the first row this run writes.
@@ -599,6 +614,7 @@ def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, sch
   saved_step = resume.step if resume.step else None
   loader_state = loader.get_state()  # After the steps consumed so far (the prefetcher runs ahead of it).
   t_start = time.perf_counter()
+  exit_code, preempting = 1, False  # How the run ended, for W&B; a failure until the loop completes.
   prefetcher = Prefetcher(loader, mesh)
 
   def save(step):
@@ -630,7 +646,7 @@ def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, sch
       else:
         throughput.add_step(step_tokens, element['num_input_tokens'],
                             [sums['attended_keys'] for sums in step_sums if 'attended_keys' in sums] or None)
-      bar.update(1)
+      bar.step()
       if step % config.logging_steps == 0 or step == geometry.total_steps:
         last_row = _log_row(window_sums, step, geometry, schedule, num_tokens_total)  # Waits for the devices.
         last_row.update(throughput.measure())
@@ -639,11 +655,8 @@ def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, sch
           last_row['peak_memory_gib'] = peak / 2**30
         last_row.update(first_row_extra)
         first_row_extra = {}
-        writer.write(last_row)
-        postfix = {'loss': f'{last_row["loss"]:.4f}'}
-        if last_row['tokens_per_second'] is not None:
-          postfix['tok_s'] = f'{last_row["tokens_per_second"]:.0f}'
-        bar.set_postfix(**postfix)
+        reporter.write(last_row)
+        bar.show(last_row)
         log(' '.join(f'{k}={_fmt(v)}' for k, v in last_row.items()))
         window_sums = []
       epoch_end = step % geometry.steps_per_epoch == 0 or step == geometry.total_steps
@@ -654,12 +667,14 @@ def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, sch
         t_eval = time.perf_counter()
         row = evaluate(mesh, step_fn, state['params'], data.eval)
         row.update(step=step, epoch=step / geometry.steps_per_epoch, eval_runtime=time.perf_counter() - t_eval)
-        throughput.resume()
-        writer.write(row)
+        reporter.write(row)
         log(' '.join(f'{k}={_fmt(v)}' for k, v in row.items()))
         last_row = {**last_row, **row}
+        if config.eval_generation_prompts > 0:
+          _eval_generations(config, step_fn, state['params'], tokenizer, data.eval, meta, step, reporter)
+        throughput.resume()
       preempted = preemption.reached(step)  # Every process asks at every step (the sync protocol needs it).
-      if preempted or epoch_end or (config.save_steps and step % config.save_steps == 0):
+      if preempted or epoch_end or (save_every and step % save_every == 0):
         saved_step = save(step)
       if preempted:
         manager.wait()
@@ -669,11 +684,22 @@ def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, sch
     manager.wait()
     if manager.last_save.get('total_seconds') is not None:
       log(f'checkpoint {saved_step} written ({manager.last_save["total_seconds"]:.2f}s from start to complete)')
+    if config.accuracy_eval_problems > 0:
+      row = _accuracy_eval(config, nnx.merge(step_fn.graphdef, state['params'], step_fn.rest), tokenizer, step)
+      reporter.write(row)
+      last_row.update(row)
+    exit_code = 0
+  except Preempted as e:
+    exit_code, preempting = 128 + e.signum, True  # As the CLI exits; W&B marks the run preempted, not failed.
+    raise
+  except KeyboardInterrupt:
+    exit_code = 130
+    raise
   finally:
     prefetcher.close()
     preemption.close()
     bar.close()
-    writer.close()
+    reporter.close(exit_code, preempted=preempting)  # W&B records how the run ended (non-zero: failed).
   return state, last_row
 
 
@@ -733,10 +759,23 @@ def _fmt(v):
   return str(v)
 
 
+def _eval_generations(config, step_fn: TrainStep, params, tokenizer, split: prepare.Split, meta: dict, step: int,
+                      reporter: reporting.Reporter) -> None:
+  """Answers the first `eval_generation_prompts` usable prompts of the eval split; reports them as text."""
+  t0 = time.perf_counter()
+  rows = generate.eval_generations(
+      nnx.merge(step_fn.graphdef, params, step_fn.rest), tokenizer, split.steps.source,
+      num_prompts=config.eval_generation_prompts, max_new_tokens=config.eval_generation_max_new_tokens,
+      temperature=config.eval_generation_temperature, top_p=config.eval_generation_top_p, seed=config.seed + step,
+      max_prompt_tokens=config.max_length, eos_ids=generate.eos_ids_of(tokenizer, meta['generation_config']))
+  reporter.text('eval_generations', step, rows)
+  for row in rows[:2]:
+    log(f'eval generation: {json.dumps(row)[:500]}')
+  log(f'eval generations: {len(rows)} prompts answered in {time.perf_counter() - t0:.1f}s')
+
+
 def _accuracy_eval(config, model, tokenizer, step: int) -> dict:
   from jaxsft.data import synthetic  # pylint: disable=import-outside-toplevel
-  if not config.dataset_name.startswith('synthetic:'):
-    raise InputError("config field 'accuracy_eval_problems' needs a 'synthetic:' dataset_name")
   problems = synthetic.held_out_problems(config.accuracy_eval_problems, config.seed)
   t0 = time.perf_counter()
   accuracy, samples = synthetic.evaluate_accuracy(model, tokenizer, problems,
@@ -745,6 +784,4 @@ def _accuracy_eval(config, model, tokenizer, step: int) -> dict:
     log(f'sample: {json.dumps(sample)}')
   log(f'held-out exact-match accuracy: {accuracy:.1%} on {len(problems)} problems '
       f'({time.perf_counter() - t0:.1f}s of greedy decoding)')
-  row = {'step': step, 'eval_accuracy': accuracy, 'eval_problems': len(problems)}
-  metrics_lib.MetricsWriter(config.output_dir).write(row)
-  return row
+  return {'step': step, 'eval_accuracy': accuracy, 'eval_problems': len(problems)}

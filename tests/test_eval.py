@@ -45,7 +45,8 @@ def _run(model_dir, data_dir, out, **overrides) -> list[dict]:
   config.update(dict(model_name_or_path=model_dir, dataset_name=data_dir, output_dir=str(out), bf16=False,
                      gradient_checkpointing=False, disable_tqdm=True, learning_rate=3e-3, max_length=256,
                      per_device_train_batch_size=8, per_device_eval_batch_size=5, num_train_epochs=2.0,
-                     logging_steps=1, assistant_only_loss=True, dataset_cache_dir=str(out) + '-cache'))
+                     logging_steps=1, assistant_only_loss=True, dataset_cache_dir=str(out) + '-cache',
+                     eval_generation_max_new_tokens=24))
   config.update(overrides)
   config.lock()
   trainer.run(config)
@@ -81,7 +82,8 @@ def _direct_eval(hf_dir, data_dir, tokenizer=None) -> tuple[float, float, int]:
 def test_eval_loss_is_the_token_weighted_mean_over_the_eval_split(model_and_data, packing):
   model_dir, data_dir, root = model_and_data
   out = root / f'run-packing-{packing}'
-  rows = _run(model_dir, data_dir, out, eval_strategy='steps', eval_steps=4.0, packing=packing, max_steps=8)
+  rows = _run(model_dir, data_dir, out, eval_strategy='steps', eval_steps=4.0, packing=packing, max_steps=8,
+              eval_generation_temperature=1.0)  # Sampled: 8 steps leave greedy answers near-constant.
   config = json.loads((out / 'config.json').read_text())['resolved']
   eval_rows = [r for r in rows if 'eval_loss' in r]
   assert [r['step'] for r in eval_rows] == [4, 8]
@@ -93,6 +95,28 @@ def test_eval_loss_is_the_token_weighted_mean_over_the_eval_split(model_and_data
   np.testing.assert_allclose(eval_rows[-1]['eval_mean_token_accuracy'], accuracy, atol=1.5 / count)
   if packing:
     assert config['num_packed_rows'] < config['num_examples'] and config['packing_efficiency'] > 0.8
+  else:
+    _check_eval_generations(rows, out, data_dir)
+
+
+def _check_eval_generations(rows, out, data_dir):
+  """Each eval answers the split's first 4 prompts; the last eval's answers are exactly what the sampler gives on the
+  exported model with the same seed (config seed + step): the generation ran on the training state's own weights."""
+  from jaxsft import generate  # pylint: disable=import-outside-toplevel
+  from jaxsft.data import sources  # pylint: disable=import-outside-toplevel
+  generations = [r for r in rows if 'eval_generations' in r]
+  assert [r['step'] for r in generations] == [4, 8]
+  last = generations[-1]['eval_generations']
+  with open(os.path.join(data_dir, 'test.jsonl'), encoding='utf-8') as f:
+    test_rows = [json.loads(line) for line in f]
+  assert [g['reference'] for g in last] == [r['messages'][-1]['content'] for r in test_rows[:4]]
+  assert [g['prompt'] for g in last] == [r['messages'][-2]['content'] for r in test_rows[:4]]
+  assert len({g['generated'] for g in last}) == 4  # Sampled answers: a strong comparison below.
+  model, tokenizer, generation_config = generate.load_model(str(out / 'hf'), dtype='float32')
+  direct = generate.eval_generations(model, tokenizer, sources.RowList(test_rows, 'test.jsonl', 'test'),
+                                     num_prompts=4, max_new_tokens=24, temperature=1.0, top_p=1.0, seed=42 + 8,
+                                     max_prompt_tokens=256, eos_ids=generate.eos_ids_of(tokenizer, generation_config))
+  assert direct == last
 
 
 def test_eval_strategy_epoch(model_and_data):
