@@ -48,6 +48,7 @@ import numpy as np
 from flax import nnx
 
 from jaxsft import sharding
+from jaxsft.data import formats
 from jaxsft.errors import InputError
 
 _BATCH_MULTIPLE = 8
@@ -316,45 +317,9 @@ def _text(content) -> str:
   return ''
 
 
-def _conversation(row: dict) -> list[dict] | None:
-  """The row's messages (ShareGPT `conversations` converted as TRL does), or None for a non-chat row."""
-  messages = row.get('messages')
-  if messages is None and isinstance(row.get('conversations'), list):
-    messages = []
-    for message in row['conversations']:
-      message = dict(message) if isinstance(message, dict) else message
-      if isinstance(message, dict):
-        if 'from' in message:
-          message['role'] = message.pop('from')
-        if 'value' in message:
-          message['content'] = message.pop('value')
-      messages.append(message)
-  if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-    return None
-  return messages
-
-
 def _last_user_text(messages: list[dict]) -> str:
   users = [m for m in messages if m.get('role') == 'user']
   return _text((users or messages)[-1].get('content'))
-
-
-def _template_kwargs(row: dict) -> dict:
-  kwargs = {}
-  if isinstance(row.get('tools'), list):
-    kwargs['tools'] = row['tools']
-  if isinstance(row.get('chat_template_kwargs'), dict):
-    kwargs.update(row['chat_template_kwargs'])
-  return kwargs
-
-
-def _chat_prompt_ids(tokenizer, messages: list[dict], kwargs: dict, where: str) -> list[int]:
-  try:
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                            **kwargs)
-  except Exception as e:  # pylint: disable=broad-except  (jinja2 / TypeError / ValueError from the template)
-    raise InputError(f'{where}: the chat template failed ({" ".join(str(e).split())[:200]})') from None
-  return list(encoded['input_ids'])
 
 
 def prompt_of_row(row: dict, tokenizer, where: str = 'row') -> tuple[list[int], str, str] | None:
@@ -365,19 +330,24 @@ def prompt_of_row(row: dict, tokenizer, where: str = 'row') -> tuple[list[int], 
   rows: message lists likewise; strings tokenized as plain text (as the training data tokenizes them). Text
   rows, and conversations without an assistant message after the first message, have no prompt.
   """
-  messages = _conversation(row)
-  if messages is not None:
+  if row.get('messages') is not None or row.get('conversations') is not None:
+    try:
+      messages = formats.row_messages(row, where)
+    except InputError:
+      return None  # Not a usable conversation (training's index pass reports or skips such rows).
     last = max((i for i, m in enumerate(messages) if m.get('role') == 'assistant'), default=0)
     if last == 0:
       return None
     prompt = messages[:last]
-    ids = _chat_prompt_ids(tokenizer, prompt, _template_kwargs(row), where)
+    ids = formats.chat_ids(tokenizer, prompt, formats.template_kwargs(row, where), where, 'messages',
+                           add_generation_prompt=True)
     return ids, _last_user_text(prompt), _text(messages[last].get('content'))
   prompt, completion = row.get('prompt'), row.get('completion')
   if isinstance(prompt, str) and isinstance(completion, str):
     return list(tokenizer(prompt)['input_ids']), prompt, completion
   if isinstance(prompt, list) and isinstance(completion, list) and prompt:
-    ids = _chat_prompt_ids(tokenizer, prompt, _template_kwargs(row), where)
+    ids = formats.chat_ids(tokenizer, prompt, formats.template_kwargs(row, where), where, 'prompt',
+                           add_generation_prompt=True)
     reference = ''.join(_text(m.get('content')) for m in completion if isinstance(m, dict))
     return ids, _last_user_text(prompt), reference
   return None
@@ -489,7 +459,7 @@ def encode_prompt(tokenizer, text: str, *, system: str | None, raw: bool) -> lis
   if not tokenizer.chat_template:
     raise InputError('--prompt: the tokenizer has no chat template; pass --raw to use the prompt as plain text')
   messages = ([{'role': 'system', 'content': system}] if system else []) + [{'role': 'user', 'content': text}]
-  return _chat_prompt_ids(tokenizer, messages, {}, '--prompt')
+  return formats.chat_ids(tokenizer, messages, {}, '--prompt', 'prompt', add_generation_prompt=True)
 
 
 def run_cli(model_dir: str, prompts: list[str], *, system: str | None, max_new_tokens: int,

@@ -139,10 +139,11 @@ def model_config(config: config_dict.ConfigDict, hf_cfg: dict) -> transformer.Mo
                                  scan_layers=config.model.scan_layers)
 
 
-def make_optimizer(config: config_dict.ConfigDict, total_steps: int, micro_batches_per_step=None):
+def make_optimizer(config: config_dict.ConfigDict, total_steps: int, accumulation=None):
   """(MultiSteps AdamW, schedule) from the config's optimizer fields, for `total_steps` optimizer steps.
 
-  `micro_batches_per_step`: each step's micro-batch count when it varies (padding-free); None: the config's.
+  `accumulation`: micro-batches per step, or each step's count when it varies (padding-free); None: the
+  config's split on this process's devices (`config.batch_split`).
   """
   return optim.make_optimizer(
       learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type, total_steps=total_steps,
@@ -150,7 +151,7 @@ def make_optimizer(config: config_dict.ConfigDict, total_steps: int, micro_batch
       weight_decay=config.weight_decay, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
       adam_epsilon=config.adam_epsilon, max_grad_norm=config.max_grad_norm,
       gradient_accumulation_steps=(config_lib.batch_split(config, jax.device_count())[1]
-                                   if micro_batches_per_step is None else micro_batches_per_step))
+                                   if accumulation is None else accumulation))
 
 
 def build_model(config, model_dir: str, model_cfg: transformer.ModelConfig, shardings=None):
@@ -396,8 +397,9 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
     most = max(split.steps.max_documents_per_row for split in splits) + 1
     model_cfg = dataclasses.replace(model_cfg, max_segments=most)
   warmup = optim.num_warmup_steps(geometry.total_steps, config.warmup_steps, config.warmup_ratio)
+  steps = data.train.steps
   tx, schedule = make_optimizer(config, geometry.total_steps,
-                                data.train.steps.micro_batches_per_step if data.train.steps.padding_free else None)
+                                steps.micro_batches_per_step if steps.padding_free else accumulation)
   resolved = _resolved_config(config, {
       'num_devices': jax.device_count(), 'num_processes': jax.process_count(),
       'mesh': dict(mesh.shape), 'micro_batch_size': micro_batch_size,
@@ -605,7 +607,7 @@ def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, sch
   save_every = config_lib.save_interval(config, geometry.total_steps)
   throughput = metrics_lib.Throughput(model_cfg, config.max_length, jax.device_count())
   bar = reporting.ProgressBar(geometry.total_steps, resume.step,
-                                disable=config.disable_tqdm or not metrics_lib.is_main_process())
+                              disable=config.disable_tqdm or not metrics_lib.is_main_process())
   preemption = Preemption()
   window_sums, last_row = list(resume.log_window), {}  # The steps since the last logged row (for loss metrics).
   first_row_extra = {}  # Compilation timings, for the first row this run writes.

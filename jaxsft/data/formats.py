@@ -290,8 +290,8 @@ def _rendered(row: dict, tokenizer, fmt: str, dataset_text_field: str, where: st
   """
   if fmt == TEXT:
     return _with_eos(tokenizer, _column(row, dataset_text_field, where, str, 'a string'))
-  messages = _messages(row, where)
-  kwargs = _template_kwargs(row, where)
+  messages = row_messages(row, where)
+  kwargs = template_kwargs(row, where)
   if any(key != 'tools' and key in _chat_template_parameters() for key in kwargs):
     return None  # The row sets `tokenize`, `return_dict`, ... itself: only the real call is surely the same.
   try:
@@ -356,12 +356,12 @@ def _tokenize(row: dict, tokenizer, *, fmt: str, assistant_only_loss: bool, comp
     return _encode(tokenizer, _with_eos(tokenizer, text)), []
 
   if fmt == MESSAGES:
-    messages = _messages(row, where)
-    kwargs = _template_kwargs(row, where)
+    messages = row_messages(row, where)
+    kwargs = template_kwargs(row, where)
     if assistant_only_loss:
       input_ids, mask = _masked_chat_ids(tokenizer, messages, kwargs, where, 'messages')
       return input_ids, [mask]
-    return _chat_ids(tokenizer, messages, kwargs, where, 'messages'), []
+    return chat_ids(tokenizer, messages, kwargs, where, 'messages'), []
 
   prompt = _column(row, 'prompt', where, (str, list), 'a string or a list of messages')
   completion = _column(row, 'completion', where, (str, list), 'a string or a list of messages')
@@ -377,13 +377,13 @@ def _tokenize(row: dict, tokenizer, *, fmt: str, assistant_only_loss: bool, comp
   else:
     prompt = _message_list(prompt, where, 'prompt')
     completion = _message_list(completion, where, 'completion')
-    kwargs = _template_kwargs(row, where)
-    prompt_ids = _chat_ids(tokenizer, prompt, kwargs, where, 'prompt', add_generation_prompt=True)
+    kwargs = template_kwargs(row, where)
+    prompt_ids = chat_ids(tokenizer, prompt, kwargs, where, 'prompt', add_generation_prompt=True)
     if assistant_only_loss:
       input_ids, mask = _masked_chat_ids(tokenizer, prompt + completion, kwargs, where, 'prompt + completion')
       masks.append(mask)
     else:
-      input_ids = _chat_ids(tokenizer, prompt + completion, kwargs, where, 'prompt + completion')
+      input_ids = chat_ids(tokenizer, prompt + completion, kwargs, where, 'prompt + completion')
   if completion_only_loss:
     prompt_len = _common_prefix_length(prompt_ids, input_ids)
     masks.append([0] * prompt_len + [1] * (len(input_ids) - prompt_len))
@@ -421,8 +421,9 @@ def _encode(tokenizer, text: str) -> list[int]:
   return list(tokenizer(text)['input_ids'])
 
 
-def _chat_ids(tokenizer, messages: list[dict], kwargs: dict, where: str, column: str, *,
-              add_generation_prompt: bool = False) -> list[int]:
+def chat_ids(tokenizer, messages: list[dict], kwargs: dict, where: str, column: str, *,
+             add_generation_prompt: bool = False) -> list[int]:
+  """The chat-templated token ids of `messages`; a template failure is an InputError naming the row."""
   try:
     out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                         add_generation_prompt=add_generation_prompt, **kwargs)
@@ -440,7 +441,7 @@ def _column(row: dict, name: str, where: str, types, expected: str) -> Any:
   return value
 
 
-def _messages(row: dict, where: str) -> list[dict]:
+def row_messages(row: dict, where: str) -> list[dict]:
   """The row's message list; ShareGPT `conversations` (from/value) are converted as TRL does."""
   if row.get('messages') is None and row.get('conversations') is not None:
     raw = _column(row, 'conversations', where, list, 'a list of messages')
@@ -473,7 +474,7 @@ def _message_list(messages: list, where: str, column: str) -> list[dict]:
   return messages
 
 
-def _template_kwargs(row: dict, where: str) -> dict:
+def template_kwargs(row: dict, where: str) -> dict:
   """`tools` and `chat_template_kwargs` of a row, passed to the chat template as TRL does."""
   kwargs = {}
   tools = row.get('tools')

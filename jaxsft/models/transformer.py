@@ -518,16 +518,13 @@ class Transformer(nnx.Module):
 
   def _scan_layers(self, apply, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT):
     """The stacked layers applied in a `nnx.scan` (one traced body whatever the depth)."""
-    windows = self.cfg.distinct_windows()
-    window_index_L = jnp.asarray([windows.index(self.cfg.window(i)) for i in range(self.cfg.num_layers)],
-                                 jnp.int32)
 
     @nnx.scan(in_axes=(0, nnx.Carry, None, None, None, 0), out_axes=nnx.Carry,
               transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
     def body(layer, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, window_index):
       return apply(layer, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, window_index)
 
-    return body(self.layers, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, window_index_L)
+    return body(self.layers, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, self._window_index_L())
 
   def unembedding(self) -> jax.Array:
     """The output projection [D, V] in the compute dtype (the embedding table transposed when tied)."""
