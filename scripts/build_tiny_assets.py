@@ -8,7 +8,8 @@ find one. Special tokens: `<|endoftext|>` (pad), `<|im_start|>`, `<|im_end|>` (e
 content and `<|im_end|>` with `{% generation %}`, so `apply_chat_template(...,
 return_assistant_tokens_mask=True)` works, and supports `add_generation_prompt`.
 
-Deterministic: running it twice writes byte-identical files.
+Deterministic: running it twice writes byte-identical files, whatever the installed transformers version
+(its `transformers_version` stamp is left out).
 
   python scripts/build_tiny_assets.py [--out jaxsft/assets/tiny]
 """
@@ -109,6 +110,9 @@ def build(out_dir: str) -> list[str]:
           data = json.load(f)
         if name == 'tokenizer_config.json':  # What AutoTokenizer resolves it to; transformers 4 knows it.
           data['tokenizer_class'] = 'Qwen2Tokenizer'
+        # The writer's version says nothing about the asset and would make the files depend on the installed
+        # transformers (loading ignores a missing one).
+        data.pop('transformers_version', None)
         with open(path, 'w', encoding='utf-8') as f:
           json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
           f.write('\n')
