@@ -49,6 +49,7 @@ def main(argv=None) -> None:
   import numpy as np  # pylint: disable=import-outside-toplevel
   from absl import logging  # pylint: disable=import-outside-toplevel
   from jaxsft import checkpoint, sharding, trainer  # pylint: disable=import-outside-toplevel
+  from jaxsft import step as step_lib  # pylint: disable=import-outside-toplevel
   from jaxsft.models import hf  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
   import tiny  # pylint: disable=import-outside-toplevel
@@ -76,8 +77,7 @@ def main(argv=None) -> None:
   with jax.set_mesh(mesh):
     batch = sharding.global_batch(mesh, local)
     inv = jnp.float32(1.0 / (args.batch * (args.length - 1)))
-    step_fn = trainer.TrainStep(graphdef, rest, tx, config.model.loss_chunk_size, state_shardings=shardings)
-    step_fn.compile(state, batch, inv)
+    step_fn = step_lib.TrainStep(graphdef, rest, tx, config.model.loss_chunk_size, state_shardings=shardings)
 
     def train(n, state, manager=None, every=0, at=0):
       blocking = []

@@ -8,7 +8,7 @@ warning line each, and unknown fields are one error naming all of them. jaxsft/r
 `RECIPE_MAPPED`, `RECIPE_IGNORED`) holds the mapping. jaxsft-only settings (`global_batch_size`, `mesh.*`,
 `model.*`) keep their defaults: set them on the command line.
 Where: wherever the recipe's model fits; the batch is split over all devices (data parallel) unless `mesh.*` says
-otherwise. Size it first: `python -m jaxsft.dryrun --config configs/from_yaml.py:RECIPE.yaml --devices N`.
+otherwise. Size it first: `python -m jaxsft.dryrun --config configs/from_yaml.py:RECIPE.yaml --topology SLICE`.
 How long: as the recipe (configs/r1_distill.py estimates open-r1's OpenR1-Distill-7B on TPU).
 
   python -m jaxsft.train \

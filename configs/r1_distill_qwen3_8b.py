@@ -7,9 +7,10 @@ warmup ratio 0.03, max_grad_norm 0.2, bf16, gradient checkpointing, seed 42, eos
 template with its default system prompt. One change: the recipe's `open-r1/reasoning-mix` is not public, so this
 trains on `open-r1/Mixture-of-Thoughts` (config `all`), the public mix OpenR1-Distill-7B uses.
 
-Where: a TPU v5p-32 slice (16 chips). Size it first: `python -m jaxsft.dryrun --config
-configs/r1_distill_qwen3_8b.py --devices 16`. Beyond the recipe, as in configs/r1_distill.py: `global_batch_size`,
-the mesh, `padding_free` (none changes the loss).
+Where: a TPU v5p-32 slice (16 chips). Size it first, on any CPU host with the real TPU compiler:
+`python -m jaxsft.dryrun --config configs/r1_distill_qwen3_8b.py --topology v5p-32` (peak 55.33 GiB of 95.74 GiB
+per chip with 4 micro-batches of 2 rows × 32768 tokens per chip, libtpu 0.0.42.1, compiled in 222 s). Beyond the
+recipe, as in configs/r1_distill.py: `global_batch_size`, the mesh, `padding_free` (none changes the loss).
 
 How long: an estimate at an assumed 40% MFU (not yet measured on TPU): 7.6B matmul parameters and 36 layers make a
 32768-token row 2.4e15 FLOPs; padding-free, a step's 128 conversations (~5.6k tokens each) fill one micro-batch of

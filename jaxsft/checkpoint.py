@@ -1,6 +1,6 @@
 """Orbax checkpoints of a run: OUTPUT_DIR/checkpoints/STEP/{state, meta}.
 
-`state` holds the parameters and the optimizer state (MultiSteps' accumulated gradients, Adam's moments and
+`state` holds the parameters and the optimizer state (Adam's moments and
 counters) as global arrays: every process writes the shards its devices hold (OCDBT), and restoring reads
 them into whatever shardings the restoring mesh asks for, so a checkpoint saved on fsdp=8 restores on
 fsdp=4 × tensor=2 or on one device. `meta` is one JSON object, written by process 0: the step, the data

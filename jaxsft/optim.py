@@ -1,4 +1,4 @@
-"""Learning-rate schedules, AdamW with the weight-decay mask, clipping and gradient accumulation.
+"""Learning-rate schedules, AdamW with the weight-decay mask, and clipping (accumulation: jaxsft/step.py).
 
 Everything follows the Hugging Face Trainer path that TRL's SFTTrainer takes (torch.optim.AdamW,
 torch.nn.utils.clip_grad_norm_, transformers.get_scheduler), so a recipe ported from open-r1 trains with
@@ -125,22 +125,15 @@ def global_norm(tree: Any) -> jax.Array:
 
 def make_optimizer(*, learning_rate: float, lr_scheduler_type: str, total_steps: int, warmup_steps: int,
                    warmup_ratio: float, min_lr_rate: float | None, weight_decay: float, adam_beta1: float,
-                   adam_beta2: float, adam_epsilon: float, max_grad_norm: float,
-                   gradient_accumulation_steps: int | np.ndarray) -> tuple[optax.GradientTransformation,
-                                                                           optax.Schedule]:
-  """AdamW + global-norm clipping + gradient accumulation, with transformers' schedule; and the schedule.
+                   adam_beta2: float, adam_epsilon: float,
+                   max_grad_norm: float) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW + global-norm clipping with transformers' schedule; and the schedule.
 
-  The transformation is `optax.MultiSteps(chain(clip_by_global_norm, adamw), every_k_schedule=
-  gradient_accumulation_steps, use_grad_mean=False)`: call `update` once per micro-batch; every
-  `gradient_accumulation_steps`-th call applies one AdamW update to the SUM of the accumulated
-  micro-batch gradients (clipped as a whole), the other calls return zero updates. Its state is an
-  `optax.MultiStepsState` (`acc_grads` holds the running sum; the inner schedule counts real updates).
-
-  Gradient contract: each micro-batch gradient fed to `update` must ALREADY be divided by the total number
-  of loss tokens of the whole optimizer step (all micro-batches, all devices). The accumulated sum is then
-  exactly the gradient of the step's token-mean loss, as TRL computes it with `num_items_in_batch`,
-  independent of how the step is split into micro-batches. (MultiSteps' default `use_grad_mean=True`
-  would average per-micro-batch gradients instead: a mean of means.)
+  The transformation is `chain(clip_by_global_norm, adamw)`: one `update` per optimizer step, given the SUM of
+  the step's micro-batch gradients, each ALREADY divided by the total number of loss tokens of the whole step
+  (all micro-batches, all devices): exactly the gradient of the step's token-mean loss, as TRL computes it with
+  `num_items_in_batch`, independent of how the step is split. The train step (jaxsft/step.py) does the summing
+  inside one jitted call, so no accumulator lives in the optimizer state (as `optax.MultiSteps` keeps one).
 
   Differences from torch (the transformers Trainer path), all at rounding level:
   - torch.nn.utils.clip_grad_norm_ scales by min(1, max_norm / (norm + 1e-6)); optax by max_norm / norm
@@ -155,15 +148,10 @@ def make_optimizer(*, learning_rate: float, lr_scheduler_type: str, total_steps:
     weight_decay: decoupled weight decay, masked by `decay_mask`.
     adam_beta1, adam_beta2, adam_epsilon: AdamW's hyperparameters (eps added outside the square root).
     max_grad_norm: clip the step's gradient to this global norm; <= 0 disables clipping.
-    gradient_accumulation_steps: micro-batches per optimizer update; or an int array with the count of each
-      update in turn (padding-free steps: each step's conversations fill a different number of micro-batches).
 
   Returns:
     (the transformation, the schedule: lr of update number `step`, counted from 0).
   """
-  counts = np.asarray(gradient_accumulation_steps)
-  if counts.size == 0 or counts.min() < 1:
-    raise InputError(f"config field 'gradient_accumulation_steps' must be positive, got {gradient_accumulation_steps}")
   warmup = num_warmup_steps(total_steps, warmup_steps, warmup_ratio)
   schedule = make_schedule(lr_scheduler_type, learning_rate=learning_rate, total_steps=total_steps,
                            warmup_steps=warmup, min_lr_rate=min_lr_rate)
@@ -172,10 +160,4 @@ def make_optimizer(*, learning_rate: float, lr_scheduler_type: str, total_steps:
     parts.append(optax.clip_by_global_norm(max_grad_norm))
   parts.append(optax.adamw(schedule, b1=adam_beta1, b2=adam_beta2, eps=adam_epsilon,
                            weight_decay=weight_decay, mask=decay_mask))
-  if counts.ndim == 0:
-    every_k = int(counts)
-  else:
-    counts_S = jnp.asarray(counts, jnp.int32)
-    every_k = lambda step: counts_S[jnp.minimum(step, counts_S.shape[0] - 1)]  # MultiSteps' update count.
-  tx = optax.MultiSteps(optax.chain(*parts), every_k_schedule=every_k, use_grad_mean=False)
-  return tx.gradient_transformation(), schedule
+  return optax.chain(*parts), schedule

@@ -1,11 +1,10 @@
 """The training loop: composes config, model, data, loss and optimizer; owns all I/O.
 
 One optimizer step = `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size ×
-devices` rows. The loss of a step is the sum of token losses over every loss token of the step divided
-by that step's number of loss tokens (TRL's `num_items_in_batch`): the host counts the step's loss tokens
-before running it, each micro-step's gradient is that micro-batch's token-sum gradient divided by the
-step's count, and `optax.MultiSteps(use_grad_mean=False)` sums them. The result does not depend on how the
-step is split into micro-batches or devices.
+devices` rows, run by one call of the train step (jaxsft/step.py, which owns the loss contract): the loss of
+a step is the sum of token losses over every loss token of the step divided by that step's number of loss
+tokens (TRL's `num_items_in_batch`), counted by the host before the step runs. The result does not depend on
+how the step is split into micro-batches or devices.
 """
 
 import dataclasses
@@ -34,6 +33,7 @@ from jaxsft import metrics as metrics_lib
 from jaxsft import optim
 from jaxsft import reporting
 from jaxsft import sharding
+from jaxsft import step as step_lib
 from jaxsft.data import index as index_lib
 from jaxsft.data import pipeline
 from jaxsft.data import prepare
@@ -78,60 +78,6 @@ def prepare_output_dir(output_dir: str) -> None:
     raise InputError(f"config field 'output_dir': {output_dir!r} exists and is not a directory")
 
 
-class TrainStep:
-  """The jitted micro-step: forward, chunked masked cross-entropy, gradients, optax update."""
-
-  def __init__(self, graphdef, rest, tx: optax.GradientTransformation, loss_chunk_size: int, *,
-               state_shardings=None, attention_windows: tuple[int | None, ...] | None = None):
-    """`attention_windows` (one per layer, `metrics.layer_windows`): the step also returns 'attended_keys'."""
-    self.graphdef = graphdef
-    self.rest = rest  # Non-trainable variables (none today), kept out of the optimizer.
-    self.tx = tx
-    self.loss_chunk_size = loss_chunk_size
-    self.attention_windows = attention_windows
-    self.compile_seconds = None
-    # With shardings: the new state keeps the partitioning of the old one (and its buffers, donated).
-    out = None if state_shardings is None else (state_shardings, None)
-    self.step = jax.jit(self._step, donate_argnums=(0,), out_shardings=out)
-    self.eval_step = jax.jit(self.loss_sums)
-
-  def compile(self, state, batch, inv_step_tokens) -> None:
-    """Compiles the step for these shapes (timed: `compile_seconds`), logs its memory per device, and uses the
-    executable from now on."""
-    t0 = time.perf_counter()
-    compiled = self.step.lower(state, batch, inv_step_tokens).compile()
-    self.compile_seconds = time.perf_counter() - t0
-    log(f'compiled the train step in {self.compile_seconds:.1f}s, memory per device: ' + memory_report(compiled))
-    self.step = compiled
-
-  def loss_sums(self, params, batch):
-    model = nnx.merge(self.graphdef, params, self.rest)
-    hidden_BxTxD = model.hidden_states(batch['input_ids'], batch['positions'], batch['segment_ids'])
-    targets_BxT, weights_BxT = loss_lib.next_token_targets(batch['input_ids'], batch['loss_mask'],
-                                                           batch['segment_ids'])
-    return loss_lib.cross_entropy_sums(hidden_BxTxD, model.unembedding(), targets_BxT, weights_BxT,
-                                       chunk_size=self.loss_chunk_size)
-
-  def _step(self, state, batch, inv_step_tokens):
-    params, opt_state = state['params'], state['opt_state']
-
-    def objective(p):
-      sums = self.loss_sums(p, batch)
-      return sums['loss_sum'] * inv_step_tokens, sums
-
-    grads, sums = jax.grad(objective, has_aux=True)(params)
-    if self.attention_windows is not None:  # For MFU: the attention work this micro-batch actually does.
-      sums['attended_keys'] = metrics_lib.attended_keys(batch['positions'], batch['segment_ids'],
-                                                        self.attention_windows)
-    # The step's accumulated gradient so far (MultiSteps sums micro-gradients): its norm at the last
-    # micro-step is the pre-clipping grad_norm of the optimizer step.
-    acc_grads = jax.tree.map(jnp.add, opt_state.acc_grads, grads)
-    sums['grad_norm'] = optim.global_norm(acc_grads)
-    updates, opt_state = self.tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return {'params': params, 'opt_state': opt_state}, sums
-
-
 def model_config(config: config_dict.ConfigDict, hf_cfg: dict) -> transformer.ModelConfig:
   """The model as `config` trains it: bf16 compute over float32 master weights (or float32), its remat."""
   return hf.model_config_from_hf(hf_cfg, dtype='bfloat16' if config.bf16 else 'float32', param_dtype='float32',
@@ -139,19 +85,16 @@ def model_config(config: config_dict.ConfigDict, hf_cfg: dict) -> transformer.Mo
                                  scan_layers=config.model.scan_layers)
 
 
-def make_optimizer(config: config_dict.ConfigDict, total_steps: int, accumulation=None):
-  """(MultiSteps AdamW, schedule) from the config's optimizer fields, for `total_steps` optimizer steps.
+def make_optimizer(config: config_dict.ConfigDict, total_steps: int):
+  """(AdamW with clipping, schedule) from the config's optimizer fields, for `total_steps` optimizer steps.
 
-  `accumulation`: micro-batches per step, or each step's count when it varies (padding-free); None: the
-  config's split on this process's devices (`config.batch_split`).
+  Accumulation over a step's micro-batches happens inside the train step (jaxsft/step.py).
   """
   return optim.make_optimizer(
       learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type, total_steps=total_steps,
       warmup_steps=config.warmup_steps, warmup_ratio=config.warmup_ratio, min_lr_rate=config.min_lr_rate,
       weight_decay=config.weight_decay, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
-      adam_epsilon=config.adam_epsilon, max_grad_norm=config.max_grad_norm,
-      gradient_accumulation_steps=(config_lib.batch_split(config, jax.device_count())[1]
-                                   if accumulation is None else accumulation))
+      adam_epsilon=config.adam_epsilon, max_grad_norm=config.max_grad_norm)
 
 
 def build_model(config, model_dir: str, model_cfg: transformer.ModelConfig, shardings=None):
@@ -164,7 +107,7 @@ def build_model(config, model_dir: str, model_cfg: transformer.ModelConfig, shar
 def state_shardings(model_cfg: transformer.ModelConfig, tx: optax.GradientTransformation, mesh, *, warn=None):
   """(graphdef, abstract params, shardings of {'params', 'opt_state'}) from the rules, without any weights.
 
-  The optimizer state's parameter-shaped leaves (MultiSteps' accumulated gradients, Adam's moments) take
+  The optimizer state's parameter-shaped leaves (Adam's moments) take
   their parameter's sharding: ZeRO-3 partitions them exactly as the parameters; counters are replicated.
   """
   graphdef, abstract_params, _ = nnx.split(hf.abstract_model(model_cfg), nnx.Param, ...)
@@ -189,21 +132,7 @@ def init_state(config, model_dir: str, model_cfg: transformer.ModelConfig, tx, m
   return {'params': params, 'opt_state': opt_state}, shardings, graphdef, rest
 
 
-def memory_report(compiled) -> str:
-  """Arguments, outputs and temporaries of a compiled executable, from XLA's memory analysis."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except  (some backends have none)
-    m = None
-  if m is None:
-    return 'not available on this backend'
-  return (f'arguments {_gib(m.argument_size_in_bytes)}, outputs {_gib(m.output_size_in_bytes)} '
-          f'({_gib(m.alias_size_in_bytes)} of them reuse donated arguments), temporaries '
-          f'{_gib(m.temp_size_in_bytes)}, code {_gib(m.generated_code_size_in_bytes)}')
-
-
-def _gib(n: int) -> str:
-  return f'{n / 2**30:.3f} GiB' if n >= 2**27 else f'{n / 2**20:.2f} MiB'
+_gib = step_lib.gib
 
 
 class Preempted(Exception):
@@ -397,9 +326,7 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
     most = max(split.steps.max_documents_per_row for split in splits) + 1
     model_cfg = dataclasses.replace(model_cfg, max_segments=most)
   warmup = optim.num_warmup_steps(geometry.total_steps, config.warmup_steps, config.warmup_ratio)
-  steps = data.train.steps
-  tx, schedule = make_optimizer(config, geometry.total_steps,
-                                steps.micro_batches_per_step if steps.padding_free else accumulation)
+  tx, schedule = make_optimizer(config, geometry.total_steps)
   resolved = _resolved_config(config, {
       'num_devices': jax.device_count(), 'num_processes': jax.process_count(),
       'mesh': dict(mesh.shape), 'micro_batch_size': micro_batch_size,
@@ -446,8 +373,8 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
       log(f'model: {hf_cfg.get("model_type")} with {num_params / 1e6:.2f}M parameters '
           f'({"random init" if config.model_init == "random" else "from " + model_dir}), '
           f'compute {model_cfg.dtype}, remat {model_cfg.remat}, attention {attention_impl}')
-      step_fn = TrainStep(graphdef, rest, tx, config.model.loss_chunk_size, state_shardings=shardings,
-                          attention_windows=metrics_lib.layer_windows(model_cfg))
+      step_fn = step_lib.TrainStep(graphdef, rest, tx, config.model.loss_chunk_size, state_shardings=shardings,
+                                   attention_windows=metrics_lib.layer_windows(model_cfg))
       state, last_row = _train_loop(config, mesh, step_fn, state, data, schedule, model_cfg, manager, meta, resume,
                                     tokenizer)
       model = nnx.merge(graphdef, sharding.gather_to_host(state['params']), rest)
@@ -587,7 +514,7 @@ class _Failure:
   error: BaseException
 
 
-def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, schedule, model_cfg,
+def _train_loop(config, mesh, step_fn: step_lib.TrainStep, state, data: prepare.Data, schedule, model_cfg,
                 manager: checkpoint.Manager, meta: dict, resume: Resume, tokenizer):
   """Runs the steps from `resume.step` on, then the held-out accuracy check if asked; returns (state, the last
   metrics row).
@@ -630,12 +557,7 @@ def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, sch
     for element, global_batches, loader_state in prefetcher:
       step_tokens = element['num_targets']
       inv = jnp.float32(1.0 / max(step_tokens, 1))
-      step_sums = []
-      for global_batch in global_batches:
-        if step_fn.compile_seconds is None:
-          step_fn.compile(state, global_batch, inv)
-        state, sums = step_fn.step(state, global_batch, inv)
-        step_sums.append(sums)
+      state, step_sums = step_fn(state, global_batches, inv)  # One dict of sums per micro-batch.
       step += 1
       num_tokens_total += step_tokens
       window_sums.append(step_sums)
@@ -705,7 +627,7 @@ def _train_loop(config, mesh, step_fn: TrainStep, state, data: prepare.Data, sch
   return state, last_row
 
 
-def evaluate(mesh, step_fn: TrainStep, params, split: prepare.Split) -> dict:
+def evaluate(mesh, step_fn: step_lib.TrainStep, params, split: prepare.Split) -> dict:
   """eval_loss (token-weighted over the whole split) and eval_mean_token_accuracy.
 
   transformers' Trainer averages per-batch mean losses; here every loss token of the split weighs the same,
@@ -761,8 +683,8 @@ def _fmt(v):
   return str(v)
 
 
-def _eval_generations(config, step_fn: TrainStep, params, tokenizer, split: prepare.Split, meta: dict, step: int,
-                      reporter: reporting.Reporter) -> None:
+def _eval_generations(config, step_fn: step_lib.TrainStep, params, tokenizer, split: prepare.Split, meta: dict,
+                      step: int, reporter: reporting.Reporter) -> None:
   """Answers the first `eval_generation_prompts` usable prompts of the eval split; reports them as text."""
   t0 = time.perf_counter()
   rows = generate.eval_generations(

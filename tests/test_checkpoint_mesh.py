@@ -123,9 +123,9 @@ def test_restored_arrays_carry_the_target_meshes_shardings(reshard):
     described = result['restored'][name]
     assert all(d['mesh'] == mesh and d['num_devices'] == num_devices for d in described.values()), name
     # q_proj kernels (layers, embed, q_heads, head_dim: stacked by scan_layers, the default) and their Adam
-    # moments / accumulated gradients alike; the stacked layer axis is never sharded.
+    # moments alike; the stacked layer axis is never sharded.
     q_kernels = {k: d['spec'] for k, d in described.items() if k.endswith("['q_proj']['kernel'].value")}
-    assert len(q_kernels) == 4, q_kernels  # (parameter, mu, nu, acc_grads) of the stacked layers.
+    assert len(q_kernels) == 3, q_kernels  # (parameter, mu, nu) of the stacked layers.
     assert all(spec == [None] + q_spec for spec in q_kernels.values()), (name, q_kernels)
 
 

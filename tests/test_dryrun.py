@@ -28,7 +28,7 @@ def test_tiny_dry_run_partitions_parameters_over_fsdp():
                   '--config.per_device_train_batch_size=1')
   for proc in (one, eight):
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert 'step temporaries' in proc.stdout and 'peak estimate' in proc.stdout
+    assert 'step temporaries' in proc.stdout and '\npeak ' in proc.stdout
   assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in eight.stdout and '8 rows × 128 tokens' in eight.stdout
   a, b = _table(one.stdout), _table(eight.stdout)
   assert a['parameters'] > 0 and a['parameters'] / 8 * 0.98 <= b['parameters'] < a['parameters'] / 8 * 1.1
@@ -47,9 +47,10 @@ def test_r1_distill_compiles_at_the_qwen25_7b_shape():
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'qwen2 with 7.6' in proc.stdout, proc.stdout
   table = _table(proc.stdout)
-  # float32 parameters: 7.6e9 × 4 B / 8 devices ≈ 3.5 GiB; Adam's two moments + accumulated grads ≈ 3×.
+  # float32 parameters: 7.6e9 × 4 B / 8 devices ≈ 3.5 GiB; Adam's two moments ≈ 2× (the gradient accumulator
+  # of the 8 micro-batches is a temporary of the step, not optimizer state).
   assert 3.3 * 1024 < table['parameters'] < 3.7 * 1024, proc.stdout
-  assert 9.9 * 1024 < table['optimizer state'] < 11.0 * 1024, proc.stdout
+  assert 6.6 * 1024 < table['optimizer state'] < 7.4 * 1024, proc.stdout
 
 
 def test_fsdp_keeps_activations_batch_sharded():

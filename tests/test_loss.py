@@ -145,7 +145,7 @@ def test_chunked_train_step_temporaries_below_one_full_logits_array():
   measurement sees them); with 128-token chunks they stay below even one such array and below a quarter of the
   unchunked step's. Compiled from abstract shapes: nothing is allocated."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from jaxsft import optim, trainer  # pylint: disable=import-outside-toplevel
+  from jaxsft import optim, step as step_lib  # pylint: disable=import-outside-toplevel
   from jaxsft.models import hf, transformer  # pylint: disable=import-outside-toplevel
 
   batch, seq_len, vocab = 2, 1024, 32768
@@ -154,16 +154,15 @@ def test_chunked_train_step_temporaries_below_one_full_logits_array():
   graphdef, params, rest = nnx.split(hf.abstract_model(cfg), nnx.Param, ...)
   tx, _ = optim.make_optimizer(
       learning_rate=1e-3, lr_scheduler_type='constant', total_steps=10, warmup_steps=0, warmup_ratio=0.0,
-      min_lr_rate=None, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
-      gradient_accumulation_steps=1)
+      min_lr_rate=None, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0)
   state = {'params': params, 'opt_state': jax.eval_shape(tx.init, params)}
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
   abstract_batch = {key: tokens for key in ('input_ids', 'positions', 'segment_ids', 'loss_mask')}
   inv = jax.ShapeDtypeStruct((), jnp.float32)
 
   def temp_bytes(chunk_size):
-    step = trainer.TrainStep(graphdef, rest, tx, chunk_size).step
-    return step.lower(state, abstract_batch, inv).compile().memory_analysis().temp_size_in_bytes
+    step = step_lib.TrainStep(graphdef, rest, tx, chunk_size)
+    return step.lower('step', state, abstract_batch, inv).compile().memory_analysis().temp_size_in_bytes
 
   full_logits_bytes = batch * seq_len * vocab * 4
   unchunked, chunked = temp_bytes(batch * seq_len), temp_bytes(128)

@@ -66,9 +66,9 @@ def test_parameters_and_optimizer_state_are_sharded_by_the_rules(runs):
   assert spec("['mlp']['down_proj']['kernel']") == [None, 'tensor', 'fsdp']
   assert spec("['lm_head']['kernel']") == ['fsdp', 'tensor']
   assert spec("['norm']['scale']") in ([None], [])
-  # ZeRO-3: Adam's moments and the accumulated gradients are partitioned like their parameters.
+  # ZeRO-3: Adam's moments are partitioned like their parameters (no accumulator lives in the state).
   opt_q = [v for k, v in tp.items() if k.startswith("['opt_state']") and k.endswith("['q_proj']['kernel']")]
-  assert len(opt_q) == 3 and all(v == [None, 'fsdp', 'tensor', None] for v in opt_q)  # mu, nu, acc_grads.
+  assert len(opt_q) == 2 and all(v == [None, 'fsdp', 'tensor', None] for v in opt_q)  # mu, nu.
 
 
 def test_parameter_bytes_per_device_fall_as_one_over_fsdp(runs):

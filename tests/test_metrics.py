@@ -93,7 +93,7 @@ def test_attended_keys_equal_the_attention_masks_allowed_pairs():
 def test_train_step_reports_attended_keys_of_its_batch():
   """TrainStep built with the layers' windows returns the batch's attended keys; without them, no such key."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from jaxsft import optim  # pylint: disable=import-outside-toplevel
+  from jaxsft import optim, step as step_lib  # pylint: disable=import-outside-toplevel
   from jaxsft.models import hf  # pylint: disable=import-outside-toplevel
 
   cfg = transformer.ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
@@ -101,8 +101,7 @@ def test_train_step_reports_attended_keys_of_its_batch():
   graphdef, params, rest = nnx.split(hf.init_random(cfg, 0), nnx.Param, ...)
   tx, _ = optim.make_optimizer(
       learning_rate=1e-3, lr_scheduler_type='constant', total_steps=2, warmup_steps=0, warmup_ratio=0.0,
-      min_lr_rate=None, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
-      gradient_accumulation_steps=1)
+      min_lr_rate=None, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0)
   positions, segment_ids = _packed_batch()
   batch = {'input_ids': np.where(segment_ids > 0, 5, 0).astype(np.int32), 'positions': positions,
            'segment_ids': segment_ids, 'loss_mask': (segment_ids > 0).astype(np.int32)}
@@ -111,11 +110,11 @@ def test_train_step_reports_attended_keys_of_its_batch():
     copy = jax.tree.map(jnp.copy, params)
     return {'params': copy, 'opt_state': tx.init(copy)}
 
-  step = trainer.TrainStep(graphdef, rest, tx, 16, attention_windows=metrics.layer_windows(cfg))
+  step = step_lib.TrainStep(graphdef, rest, tx, 16, attention_windows=metrics.layer_windows(cfg))
   _, sums = step.step(state(), batch, jnp.float32(0.1))
   want = sum(int(np.asarray(attention.make_mask(segment_ids, w))[:, 0][segment_ids > 0].sum()) for w in (None, 3))
   assert float(sums['attended_keys']) == want
-  _, sums = trainer.TrainStep(graphdef, rest, tx, 16).step(state(), batch, jnp.float32(0.1))
+  _, sums = step_lib.TrainStep(graphdef, rest, tx, 16).step(state(), batch, jnp.float32(0.1))
   assert 'attended_keys' not in sums
 
 

@@ -16,7 +16,7 @@ from trl import data_utils as trl_data_utils
 
 from jaxsft import loss as loss_lib
 from jaxsft import optim
-from jaxsft import trainer
+from jaxsft import step as step_lib
 from jaxsft.data import formats
 from jaxsft.data import packing
 from jaxsft.models import attention
@@ -367,16 +367,14 @@ def _train(step_fn, tx, params, steps, pack: bool):
     micro_batches = [_stack(part, MICRO_ROWS) for part in (rows[:half], rows[half:])]
     step_tokens = sum(batches.count_loss_tokens(batch) for batch in micro_batches)
     inv = jnp.float32(1.0 / step_tokens)
-    loss_sum = num_tokens = 0.0
-    for batch in micro_batches:
-      state, sums = step_fn.step(state, batch, inv)
-      loss_sum += float(sums['loss_sum'])
-      num_tokens += float(sums['num_tokens'])
+    state, all_sums = step_fn(state, micro_batches, inv)  # One optimizer step: both micro-batches, one update.
+    loss_sum = sum(float(sums['loss_sum']) for sums in all_sums)
+    num_tokens = sum(float(sums['num_tokens']) for sums in all_sums)
     assert num_tokens == step_tokens  # The host count is the device's.
     out['loss'].append(loss_sum / num_tokens)
     out['tokens'].append(step_tokens)
     out['rows'].append(len(rows))
-    out['grad_norm'].append(float(sums['grad_norm']))  # The whole step's accumulated gradient.
+    out['grad_norm'].append(float(all_sums[-1]['grad_norm']))  # The whole step's accumulated gradient.
   return out, jax.device_get(state['params'])
 
 
@@ -387,8 +385,8 @@ def test_training_with_packing_equals_unpacked(tiny_hf):
   tx, _ = optim.make_optimizer(
       learning_rate=3e-3, lr_scheduler_type='linear', total_steps=TRAIN_STEPS, warmup_steps=1, warmup_ratio=0.0,
       min_lr_rate=None, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-      max_grad_norm=1.0, gradient_accumulation_steps=2)
-  step_fn = trainer.TrainStep(graphdef, rest, tx, loss_chunk_size=16)
+      max_grad_norm=1.0)
+  step_fn = step_lib.TrainStep(graphdef, rest, tx, loss_chunk_size=16)
   rng = np.random.default_rng(4)
   # The same conversations every step (so the curve shows learning), in a new order each step.
   base = _random_examples(rng, TRAIN_LENGTHS, 300)

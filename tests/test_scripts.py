@@ -22,6 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 TPU = ROOT / 'scripts' / 'tpu'
 GPU = ROOT / 'scripts' / 'gpu'
 TPU_SCRIPTS = ['create.sh', 'setup.sh', 'launch.sh', 'logs.sh', 'stop.sh', 'delete.sh']
+GPU_CHECK = ROOT / 'benchmarks' / 'gpu_check.sh'
 ALL_SCRIPTS = [TPU / name for name in TPU_SCRIPTS] + [TPU / '_common.sh', TPU.parent / '_lib.sh', GPU / 'slurm.sh']
 # A training argument that breaks naive quoting: spaces, both quote kinds, $, backslash, glob characters.
 NASTY = '--config.chat_template={{ "it\'s" }} $HOME \\n *.py'
@@ -74,7 +75,7 @@ def _remote(command: list[str]) -> str:
   return values[0]
 
 
-@pytest.mark.parametrize('script', ALL_SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize('script', ALL_SCRIPTS + [GPU_CHECK], ids=lambda p: p.name)
 def test_shellcheck_clean(script):
   proc = subprocess.run([_shellcheck(), '-x', '-S', 'style', str(script)], cwd=ROOT, text=True,
                         capture_output=True, timeout=60, check=False)
@@ -354,3 +355,12 @@ def test_readme_invocations_dry_run(env):
     script, *args = shlex.split(line)
     lines = _dry_lines(env, ROOT / script, *args)
     assert lines, line
+
+
+def test_gpu_check_without_a_gpu_is_one_line(env, tmp_path):
+  # This machine has no nvidia-smi: the check says so in one line before installing anything.
+  env = dict(env, PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin")
+  proc = subprocess.run(['bash', str(GPU_CHECK), str(tmp_path / 'out.json')], env=env, text=True, capture_output=True,
+                        timeout=60, check=False, cwd=ROOT)
+  assert proc.returncode == 2 and proc.stderr == 'error: no nvidia-smi: this check needs an NVIDIA GPU\n', proc.stderr
+  assert not (ROOT / '.gpu-venv').exists() and not (tmp_path / 'out.json').exists()

@@ -30,8 +30,9 @@ Implementations (`IMPLS`):
   are the largest of 512/256/128 dividing the padded T. Under a mesh (`jax.set_mesh`) it runs in
   `jax.shard_map`, batch over the batch axes and heads over 'tensor' where they divide (Mosaic kernels are
   not partitioned automatically). Off TPU the kernel runs in Pallas interpret mode (tests only).
-* 'auto': 'cudnn' on NVIDIA GPUs, 'splash' on TPU, 'xla' elsewhere, resolved from `jax.default_backend()`
-  at trace time. Where the backend's kernel cannot run these inputs (float32 compute or an unsupported
+* 'auto': 'cudnn' on NVIDIA GPUs, 'splash' on TPU, 'xla' elsewhere, resolved at trace time from the devices
+  of the mesh being compiled for (`target_platform`; compile-only TPU devices on a CPU host get splash). Where
+  the backend's kernel cannot run these inputs (float32 compute or an unsupported
   head_dim on GPU) 'auto' uses 'xla' with a one-time warning; an explicit 'cudnn'/'splash' that cannot run
   raises InputError naming `model.attention_impl` instead, at trace time (before any compile).
 """
@@ -62,9 +63,22 @@ def check_impl(impl: str) -> None:
     raise InputError(f"{_FIELD} is {impl!r}; expected one of {', '.join(IMPLS)}")
 
 
+def target_platform() -> str:
+  """'cpu' | 'gpu' | 'tpu': the platform of the devices being compiled for.
+
+  Under a mesh (`jax.set_mesh`, also inside jit) that is the mesh's devices, which may be compile-only TPU or
+  GPU devices on a CPU host (jaxsft.targets: there `jax.default_backend()` is still 'cpu'); else the default
+  backend.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, 'abstract_device', None)
+  platform = getattr(device, 'platform', None) or jax.default_backend()
+  return 'gpu' if platform in ('cuda', 'rocm') else platform
+
+
 def _platform() -> str:
-  """'cpu' | 'gpu' | 'tpu' (jax.default_backend()); a function so tests can pretend to be on another backend."""
-  return jax.default_backend()
+  """`target_platform()`; a function of its own so tests can pretend to be on another backend."""
+  return target_platform()
 
 
 def _cuda_info() -> tuple[tuple[int, int], int] | None:
@@ -87,7 +101,7 @@ def _warn_once(message: str) -> None:
 def _cudnn_problem(dtype, head_dim: int) -> str | None:
   """Why cuDNN flash attention cannot run here (None: it can)."""
   if _platform() != 'gpu':
-    return f'it needs an NVIDIA GPU, and the JAX backend is {_platform()!r}'
+    return f'it needs an NVIDIA GPU, and the target platform is {_platform()!r}'
   info = _cuda_info()
   if info is None:
     return 'no CUDA device with cuDNN was found'
@@ -112,7 +126,7 @@ def resolve_impl(impl: str, *, dtype, head_dim: int) -> str:
     return 'xla'
   if impl == 'splash' or (impl == 'auto' and _platform() == 'tpu'):
     if _platform() != 'tpu':
-      raise InputError(f"{_FIELD} is 'splash': Pallas splash attention needs a TPU, and the JAX backend is "
+      raise InputError(f"{_FIELD} is 'splash': Pallas splash attention needs a TPU, and the target platform is "
                        f'{_platform()!r} (use auto or xla)')
     return 'splash'
   if impl == 'cudnn' or (impl == 'auto' and _platform() == 'gpu'):
@@ -315,8 +329,8 @@ def splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *, slidin
     widths = ((0, 0), (0, 0), (0, pad), (0, 0))
     q_BxNxTxH, k_BxKxTxH, v_BxKxTxH = (jnp.pad(x, widths) for x in (q_BxNxTxH, k_BxKxTxH, v_BxKxTxH))
     segment_ids_BxT = jnp.pad(segment_ids_BxT, ((0, 0), (0, pad)), constant_values=_PAD_SEGMENT)
-  # Interpret mode off TPU (tests; `_platform` may be patched there, the real backend decides this).
-  local = functools.partial(_splash_local, sliding_window=sliding_window, interpret=jax.default_backend() != 'tpu')
+  # Interpret mode off TPU (tests; `_platform` may be patched there, the real target decides this).
+  local = functools.partial(_splash_local, sliding_window=sliding_window, interpret=target_platform() != 'tpu')
   specs = _splash_specs(b, n, k_BxTxKxH.shape[2])
   if specs is not None:
     batch_axes, head_axis = specs
