@@ -224,6 +224,9 @@ def find_batch(config, hf_cfg: dict, devices, target, mfu: float) -> int:
   if config.global_batch_size is not None:  # Only batches that divide the step's rows keep its size.
     limit = config.global_batch_size // num_chips
     candidates = [b for b in range(1, limit + 1) if config.global_batch_size % (b * num_chips) == 0]
+    if not candidates:
+      raise InputError(f"config field 'global_batch_size' {config.global_batch_size} is not a multiple of the "
+                       f'{num_chips} chips: no per-device batch keeps it')
   else:
     candidates = [2**i for i in range(11)]
   low, high, best, best_report = 0, len(candidates) - 1, 0, None
@@ -251,6 +254,8 @@ def main(argv):
   config = train.load_config()
   if _TOPOLOGY.value and _DEVICES.value:
     train.fail('--topology and --devices exclude each other (--devices simulates CPU devices)')
+  if _FIND_BATCH.value and not _TOPOLOGY.value:
+    train.fail('--find_batch needs --topology: simulated CPU devices have no memory limit to find')
   if not _TOPOLOGY.value:
     # XLA:CPU's default scheduler runs independent work concurrently and keeps its buffers alive together (8
     # independent 64 MiB temporaries: 512 MiB); the memory-minimising schedule is what TPU and GPU compilers

@@ -59,7 +59,8 @@ class TrainStep:
         'step': jax.jit(self._step, donate_argnums=(0,), out_shardings=state_out),
         'accumulate': jax.jit(self._accumulate, donate_argnums=(0,),
                               out_shardings=None if params_out is None else (params_out, None)),
-        'apply': jax.jit(self._apply, donate_argnums=(0, 1), out_shardings=state_out),
+        # The accumulator is not donated to `apply`: no output could reuse it (XLA would warn and ignore it).
+        'apply': jax.jit(self._apply, donate_argnums=(0,), out_shardings=state_out),
     }
     self._zeros = jax.jit(lambda params: jax.tree.map(jnp.zeros_like, params), out_shardings=params_out)
     self.eval_step = jax.jit(self.loss_sums)

@@ -63,3 +63,9 @@ def test_fsdp_keeps_activations_batch_sharded():
   for proc in (data, fsdp):
     assert proc.returncode == 0, proc.stderr[-3000:]
   assert _table(fsdp.stdout)['step temporaries'] < 1.1 * _table(data.stdout)['step temporaries']
+
+
+def test_find_batch_without_a_target_is_one_line_error():
+  proc = _dryrun('--config', 'configs/tiny.py', '--find_batch')
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+  assert proc.stderr.strip() == 'error: --find_batch needs --topology: simulated CPU devices have no memory limit to find'
