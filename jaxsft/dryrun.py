@@ -244,7 +244,8 @@ def find_batch(config, hf_cfg: dict, devices, target, mfu: float) -> int:
       high = mid - 1
   if best_report is not None:
     print_report(best_report, mfu)
-    print(f'largest per_device_train_batch_size that fits: {best}')
+    ceiling = ' (the largest tried: more may fit)' if best == candidates[-1] and config.global_batch_size is None else ''
+    print(f'largest per_device_train_batch_size that fits: {best}{ceiling}')
   return best
 
 
