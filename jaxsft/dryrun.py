@@ -78,6 +78,7 @@ def lower_step(config, hf_cfg: dict, devices, *, target=None):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
+  from jaxsft import checkpoint  # pylint: disable=import-outside-toplevel
   from jaxsft import config as config_lib  # pylint: disable=import-outside-toplevel
   from jaxsft import metrics  # pylint: disable=import-outside-toplevel
   from jaxsft import sharding  # pylint: disable=import-outside-toplevel
@@ -95,11 +96,7 @@ def lower_step(config, hf_cfg: dict, devices, *, target=None):
   graphdef, abstract_params, shardings = trainer.state_shardings(model_cfg, tx, mesh, warn=print)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
 
-  def with_sharding(shapes, shards):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shards)
-
-  state = {'params': with_sharding(abstract_params, shardings['params']),
-           'opt_state': with_sharding(abstract_opt, shardings['opt_state'])}
+  state = checkpoint.abstract({'params': abstract_params, 'opt_state': abstract_opt}, shardings)
   rows = per_device * num_chips
   batch = {key: jax.ShapeDtypeStruct((rows, config.max_length), jnp.int32, sharding=sharding.batch_sharding(mesh))
            for key in packing.BATCH_KEYS}

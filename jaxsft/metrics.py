@@ -35,7 +35,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import tqdm
 
 from jaxsft.models.transformer import ModelConfig
@@ -211,7 +210,7 @@ class Throughput:
   def flops(self) -> float:
     """Model FLOPs of the steps added since the last reset."""
     if self._keys_known:
-      keys = sum(float(np.sum(k)) for k in jax.tree.leaves(jax.device_get(self._keys)))
+      keys = sum(float(k) for k in jax.tree.leaves(jax.device_get(self._keys)))
     else:
       keys = self._all_tokens * sum(causal_pairs(self.seq_len, w) for w in layer_windows(self.cfg)) / self.seq_len
     return train_flops(self.cfg, self._all_tokens, keys)
