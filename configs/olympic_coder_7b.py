@@ -23,7 +23,7 @@ measured here): the first log line of a run prints the micro-batches it will com
 
 from jaxsft import config as config_lib
 
-BEYOND_RECIPE = ('global_batch_size', 'padding_free', 'mesh.data', 'mesh.fsdp', 'mesh.tensor')
+BEYOND_RECIPE = ('global_batch_size', 'padding_free', 'mesh.data', 'mesh.fsdp', 'mesh.tensor', 'model.mlp_chunk_size')
 
 
 def get_config():
@@ -59,4 +59,5 @@ def get_config():
   c.mesh.data = 1
   c.mesh.fsdp = -1
   c.mesh.tensor = 1
+  c.model.mlp_chunk_size = 8192  # The MLP over 8192-position tiles: its [B, T, F] intermediates a quarter as big.
   return c

@@ -216,7 +216,7 @@ HARMLESS_FIELDS = frozenset({
     'save_total_limit', 'eval_strategy', 'eval_steps', 'per_device_eval_batch_size',
     'dataset_num_proc', 'dataloader_num_workers', 'dataset_cache_dir', 'accuracy_eval_problems',
     'accuracy_eval_max_new_tokens', 'export_dtype', 'mesh.data', 'mesh.fsdp', 'mesh.tensor', 'model.remat',
-    'gradient_checkpointing', 'model.loss_chunk_size', 'model.attention_impl', 'eval_generation_prompts',
+    'gradient_checkpointing', 'model.loss_chunk_size', 'model.mlp_chunk_size', 'model.attention_impl', 'eval_generation_prompts',
     'eval_generation_max_new_tokens', 'eval_generation_temperature', 'eval_generation_top_p',
     # The batch per step is checked as a whole ('global_batch_size'): how it splits into devices and
     # micro-batches does not change the step (the loss is normalised by the step's token count).

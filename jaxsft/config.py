@@ -138,6 +138,9 @@ def base_config() -> config_dict.ConfigDict:
   # XLA keeps one layer's activations at a time (unscanned, XLA:CPU hoists the recomputation and saves little).
   c.model.scan_layers = True
   c.model.loss_chunk_size = 1024  # Tokens per cross-entropy chunk (bounds the float32 logits).
+  # Sequence positions per MLP tile: longer rows run the MLP tile by tile, so its [B, T, F] intermediates exist
+  # one tile at a time (models/mlp.py; the long-context recipes use 8192). 0 = untiled.
+  c.model.mlp_chunk_size = 0
   return c
 
 
@@ -196,6 +199,9 @@ def validate(config: config_dict.ConfigDict) -> None:
     _choice(config.model.remat, 'model.remat', REMAT_POLICIES)
   if config.model.loss_chunk_size < 1:
     raise InputError(f"config field 'model.loss_chunk_size' must be positive, got {config.model.loss_chunk_size}")
+  if config.model.mlp_chunk_size < 0:
+    raise InputError(f"config field 'model.mlp_chunk_size' must be 0 (untiled) or positive, got "
+                     f"{config.model.mlp_chunk_size}")
   for field in ('learning_rate', 'per_device_train_batch_size', 'per_device_eval_batch_size',
                 'gradient_accumulation_steps', 'max_length', 'logging_steps', 'adam_epsilon'):
     _positive(config, field)

@@ -168,3 +168,11 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
     return x
   return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))
+
+
+def current_spec(names: tuple[str | None, ...], shape: tuple[int, ...]) -> P | None:
+  """The PartitionSpec `RULES` give an array of these logical names on the current mesh; None without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+    return None
+  return logical_to_spec(names, shape, mesh)

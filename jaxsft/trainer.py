@@ -82,7 +82,7 @@ def model_config(config: config_dict.ConfigDict, hf_cfg: dict) -> transformer.Mo
   """The model as `config` trains it: bf16 compute over float32 master weights (or float32), its remat."""
   return hf.model_config_from_hf(hf_cfg, dtype='bfloat16' if config.bf16 else 'float32', param_dtype='float32',
                                  attention_impl=config.model.attention_impl, remat=config_lib.remat_policy(config),
-                                 scan_layers=config.model.scan_layers)
+                                 scan_layers=config.model.scan_layers, mlp_chunk_size=config.model.mlp_chunk_size)
 
 
 def make_optimizer(config: config_dict.ConfigDict, total_steps: int):

@@ -7,6 +7,7 @@ wheels in the directory `JAXSFT_CUDA_PLUGIN_DIR` names (.ci/run installs them th
 environment itself, the plugin makes every jax start on a machine without a GPU print a CUDA traceback).
 """
 
+import collections
 import json
 import math
 import os
@@ -106,10 +107,11 @@ def test_slice_names_map_to_libtpu_topologies():
 
 
 @needs_tpu
-@pytest.fixture(scope='module')
-def seven_b_program(tmp_path_factory):
+@pytest.fixture(scope='module', params=[0, 256], ids=['untiled', 'mlp_tiles'])
+def seven_b_program(tmp_path_factory, request):
   """Facts of the compiled train step of a 2-layer model at Qwen2.5-7B's width, FSDP over a v5p-8 (4 chips),
-  bf16 compute, full remat, splash, 1 row of 1024 packed tokens per chip (segment ids are inputs)."""
+  bf16 compute, full remat, splash, 1 row of 1024 packed tokens per chip (segment ids are inputs); the MLP
+  untiled, or in 4 tiles of 256 positions (model.mlp_chunk_size)."""
   tmp = tmp_path_factory.mktemp('tpu7b')
   with open(os.path.join(SHAPES, 'open-r1--Qwen2.5-Math-7B-RoPE-300k.json'), encoding='utf-8') as f:
     hf_cfg = json.load(f)
@@ -120,10 +122,13 @@ def seven_b_program(tmp_path_factory):
   proc = subprocess.run(
       [sys.executable, '-m', 'tests.helpers.tpu_program', str(out), 'v5p-8', str(model_config),
        '--config.model_name_or_path=shape-only', '--config.max_length=1024', '--config.per_device_train_batch_size=1',
-       '--config.bf16=true', '--config.gradient_checkpointing=true', '--config.mesh.data=1', '--config.mesh.fsdp=-1'],
+       '--config.bf16=true', '--config.gradient_checkpointing=true', '--config.mesh.data=1', '--config.mesh.fsdp=-1',
+       f'--config.model.mlp_chunk_size={request.param}'],
       cwd=ROOT, env=_env(), text=True, capture_output=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(out.read_text()), hf_cfg
+  facts = json.loads(out.read_text())
+  facts.update(hlo=(tmp / 'facts.json.step.hlo').read_text(), mlp_chunk_size=request.param)
+  return facts, hf_cfg
 
 
 @needs_tpu
@@ -144,20 +149,27 @@ def test_fsdp_program_gathers_every_weight_and_keeps_state_sharded(seven_b_progr
   num_params = float(report['model'].split(' with ')[1].split('B')[0]) * 1e9
   assert abs(report['parameters'] - num_params * 4 / 4) / report['parameters'] < 0.01, report  # 4 B, 4 chips.
   assert abs(report['optimizer_state'] - 2 * report['parameters']) / report['parameters'] < 0.01, report
-  # The gradients of the weights whose embed (FSDP) axis leads are reduce-scattered to their quarter where they
-  # are computed: on TPU a reduce-scatter is an all-reduce and a dynamic-slice fused in an `all-reduce-scatter`
-  # computation. (o_proj (n, h, d) and down_proj (f, d), embed last, are all-reduced whole and sliced after on
-  # libtpu 0.0.42: README "Size a run before renting it" notes it; not guarded until it is fixed.)
+  # Every weight's gradient is reduce-scattered to its quarter where it is computed: on TPU a reduce-scatter is
+  # an all-reduce and a dynamic-slice fused in an `all-reduce-scatter` computation, along a leading axis, so
+  # o_proj (n, h, d) and down_proj (f, d), embed last, have theirs computed embed-first (models/projection.py):
+  # per layer q and o as (d, n, h), k and v as (d, k, h), gate, up and down as (d, f); the lm_head once.
   reduced = [c for c in program['collectives'] if c['op'] == 'all-reduce']
-  scattered = {tuple(c['shape']) for c in reduced if c['computation'].startswith('all-reduce-scatter')}
-  for shape in [(d, n, h), (d, k, h), (d, f), (d, v)]:
-    assert shape in scattered, (shape, sorted(scattered))
-  whole_f32 = [c['shape'] for c in reduced if c['dtype'] == 'f32' and math.prod(c['shape']) >= d * k * h
-               and not c['computation'].startswith('all-reduce-scatter')]
-  assert not whole_f32, whole_f32  # No float32 gradient reduced whole (the lm_head's is 2 GiB at this width).
+  scattered = collections.Counter(tuple(c['shape']) for c in reduced
+                                  if c['computation'].startswith('all-reduce-scatter'))
+  assert scattered == {(d, n, h): 2, (d, k, h): 2, (d, f): 3, (d, v): 1}, scattered
+  whole = [(c['dtype'], c['shape']) for c in reduced if math.prod(c['shape']) >= d * k * h
+           and not c['computation'].startswith('all-reduce-scatter')]
+  assert not whole, whole  # No weight gradient reduced whole (down_proj's was bf16[18944, 3584] per layer).
   # No [batch, length, vocab] float32 logits anywhere (per chip: 1 × 1024 × V): the loss is chunked.
   for shape in program['vocab_f32_shapes']:
     assert shape[:-1] != [1, 1024] and shape[:-1] != [1024] and 1024 not in shape, shape
+  # The MLP's matmuls with an F-sized result, once each in the program (the layer scan's body): gate and up in the
+  # forward, again in the backward's recomputation, d(silu(gate) * up); the three weight gradients. Tiled, the
+  # same, over a tile's positions: the recomputed layer forward computes no MLP (its output is not needed).
+  tokens = facts['mlp_chunk_size'] or 1024
+  dots = collections.Counter(m.group(1) for m in re.finditer(rf'= bf16\[([0-9,]*{f}[0-9,]*)\]\S* (?:convolution|dot)\(',
+                                                              facts['hlo']))
+  assert dots == {f'{tokens},{f}': 5, f'{d},{f}': 3}, dots
 
 
 @needs_cuda_plugin

@@ -199,7 +199,8 @@ def _sliding_windows(hf_cfg: dict, model_type: str, num_layers: int) -> tuple[in
 
 
 def model_config_from_hf(hf_cfg: dict, *, dtype: str = 'float32', param_dtype: str = 'float32',
-                         attention_impl: str = 'xla', remat: str = 'none', scan_layers: bool = False) -> ModelConfig:
+                         attention_impl: str = 'xla', remat: str = 'none', scan_layers: bool = False,
+                         mlp_chunk_size: int = 0) -> ModelConfig:
   """The ModelConfig of a Llama, Qwen2/2.5, Qwen3 or Mistral config.json (transformers 5.24 semantics)."""
   model_type = hf_cfg.get('model_type')
   if model_type not in MODEL_TYPES:
@@ -246,7 +247,7 @@ def model_config_from_hf(hf_cfg: dict, *, dtype: str = 'float32', param_dtype: s
       param_dtype=param_dtype,
       attention_impl=attention_impl,
       remat=remat,
-      scan_layers=scan_layers,
+      scan_layers=scan_layers, mlp_chunk_size=mlp_chunk_size,
   )
 
 

@@ -53,6 +53,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxsft import sharding
 from jaxsft.errors import InputError
 from jaxsft.models import attention as attention_lib
+from jaxsft.models import mlp as mlp_lib
+from jaxsft.models import projection
 
 _QKV_NAMES = ('query_proj', 'key_proj', 'value_proj')
 _MINIMAL_NAMES = _QKV_NAMES + ('out_proj', 'mlpwi_0', 'mlpwi_1', 'mlpwo')
@@ -72,7 +74,9 @@ _OFFLOADED_NAMES = {'minimal_offloaded': _MINIMAL_NAMES, 'qkv_proj_offloaded': _
 REMAT_POLICIES = ('none',) + tuple(_SAVED_NAMES) + ('full',) + tuple(_OFFLOADED_NAMES)
 ROPE_TYPES = ('default', 'linear', 'llama3', 'yarn')
 LAYERS_AXIS = 'layers'  # Logical name of the stacked-layer axis under scan_layers.
-INIT_STD = 0.02  # transformers' default `initializer_range` for all four families.
+INIT_STD = projection.INIT_STD
+_param = projection.param
+Dense = projection.Dense
 _NO_WINDOW = 2**30  # The window of a full-attention layer in the decoding mask (longer than any cache).
 
 
@@ -101,6 +105,7 @@ class ModelConfig:
   attention_impl: str = 'xla'
   remat: str = 'none'
   scan_layers: bool = False
+  mlp_chunk_size: int = 0  # Sequence positions per MLP tile (models/mlp.py); 0 = untiled.
   # Most documents (runs of equal segment ids, padding included) in one row: cuDNN's packed attention layout
   # is sized by it (None: attention.DEFAULT_MAX_SEGMENTS). The trainer sets it from the packing plan.
   max_segments: int | None = None
@@ -237,29 +242,6 @@ def _yarn(params: dict, dim: int, base: float, pos_freqs: np.ndarray) -> tuple[n
   return inv_freq, float(attention_factor)
 
 
-def _param(value: jax.Array, names: tuple[str, ...]) -> nnx.Param:
-  return nnx.Param(value, out_sharding=names, eager_sharding=False)
-
-
-class Dense(nnx.Module):
-  """A projection `einsum(spec, x, kernel) [+ bias]` with a multi-axis kernel (HF `nn.Linear`, reshaped)."""
-
-  def __init__(self, spec: str, kernel_shape: tuple[int, ...], kernel_names: tuple[str, ...],
-               bias_shape: tuple[int, ...] | None, bias_names: tuple[str, ...] | None, *, dtype: str,
-               param_dtype: str, rngs: nnx.Rngs):
-    self.spec = spec
-    self.dtype = dtype
-    init = jax.nn.initializers.normal(INIT_STD)
-    self.kernel = _param(init(rngs.params(), kernel_shape, jnp.dtype(param_dtype)), kernel_names)
-    self.bias = None if bias_shape is None else _param(jnp.zeros(bias_shape, param_dtype), bias_names)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.einsum(self.spec, x, self.kernel[...].astype(self.dtype))
-    if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
-    return y
-
-
 class RMSNorm(nnx.Module):
   """RMSNorm over the last axis: normalised in float32, cast to the compute dtype, then scaled (as HF)."""
 
@@ -372,23 +354,6 @@ class Attention(nnx.Module):
     return jax.lax.switch(window_index, branches, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
 
 
-class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-    bias = cfg.mlp_bias
-    self.gate_proj = Dense('btd,df->btf', (d, f), ('embed', 'mlp'), (f,) if bias else None, ('mlp',), **kw)
-    self.up_proj = Dense('btd,df->btf', (d, f), ('embed', 'mlp'), (f,) if bias else None, ('mlp',), **kw)
-    self.down_proj = Dense('btf,fd->btd', (f, d), ('mlp', 'embed'), (d,) if bias else None, ('embed',), **kw)
-
-  def __call__(self, x_BxTxD):
-    gate_BxTxF = checkpoint_name(self.gate_proj(x_BxTxD), 'mlpwi_0')
-    up_BxTxF = checkpoint_name(self.up_proj(x_BxTxD), 'mlpwi_1')
-    return checkpoint_name(self.down_proj(jax.nn.silu(gate_BxTxF) * up_BxTxF), 'mlpwo')
-
-
 class DecoderLayer(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
 
@@ -397,7 +362,8 @@ class DecoderLayer(nnx.Module):
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
     self.self_attn = Attention(cfg, windows, rngs=rngs)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
-    self.mlp = MLP(cfg, rngs=rngs)
+    self.mlp = mlp_lib.MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, chunk_size=cfg.mlp_chunk_size,
+                           dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
   def __call__(self, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, window_index=None):
     attn_BxTxD = self.self_attn(self.input_layernorm(x_BxTxD), cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT,
