@@ -72,7 +72,7 @@ def _flag_error_message(e: Exception) -> str:
 
 def load_config():
   """Loads the config file (lazily, as config_flags does) turning its failures into one line."""
-  filename = flags.FLAGS['config'].config_filename
+  filename = flags.FLAGS['config'].config_filename.split(':', 1)[0]  # configs/NAME.py[:ARG]: ARG is get_config's.
   if not os.path.isfile(filename):
     fail(f'--config: no such file {filename!r}')
   config = _CONFIG.value

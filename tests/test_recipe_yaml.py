@@ -6,6 +6,7 @@ The fixtures in tests/data/open_r1 are open-r1's own recipes: `config_distill.ya
 """
 
 import copy
+import json
 import dataclasses
 import os
 import subprocess
@@ -220,3 +221,35 @@ def test_cli_bad_recipe_is_one_error_line(tmp_path):
   assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
   assert proc.stderr.splitlines() == [f'error: {bad}: unknown fields learning_rat (did you mean learning_rate?), '
                                       'num_generations (not TRL SFT / open-r1 settings jaxsft knows)'], proc.stderr
+
+
+@pytest.mark.slow
+def test_cli_trains_and_sizes_a_valid_recipe_yaml(tmp_path):
+  """The README's command, `--config configs/from_yaml.py:RECIPE.yaml`, through the real command line of
+  jaxsft.train and jaxsft.dryrun, with a recipe that is valid: it trains the steps the recipe names (on the tiny
+  shipped model, initialised at random from the command line) and the dry run compiles it."""
+  tiny = os.path.join(ROOT, 'jaxsft', 'assets', 'tiny')
+  data = tmp_path / 'train.jsonl'
+  row = {'messages': [{'role': 'user', 'content': 'What is 2 + 2?'}, {'role': 'assistant', 'content': '4'}]}
+  data.write_text((json.dumps(row) + '\n') * 16)
+  out = tmp_path / 'out'
+  path = tmp_path / 'recipe.yaml'
+  path.write_text(yaml.safe_dump({
+      'model_name_or_path': tiny, 'dataset_name': str(data), 'output_dir': str(out), 'learning_rate': 1.0e-3,
+      'lr_scheduler_type': 'constant', 'max_steps': 3, 'per_device_train_batch_size': 4, 'max_length': 64,
+      'bf16': False, 'gradient_checkpointing': False, 'logging_steps': 1, 'save_strategy': 'no',
+      'report_to': 'none', 'seed': 3, 'attn_implementation': 'flash_attention_2'}))
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  jaxsft_only = ['--config.model_init=random', '--config.accuracy_eval_problems=0', '--config.disable_tqdm=true']
+  proc = subprocess.run([sys.executable, '-m', 'jaxsft.train', '--config', f'configs/from_yaml.py:{path}',
+                         *jaxsft_only], cwd=ROOT, env=env, text=True, capture_output=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'{path}: attn_implementation ' in proc.stderr  # The one warning line of an ignored GPU-only field.
+  rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows if 'loss' in r] == [1, 2, 3], rows
+  assert json.loads((out / 'config.json').read_text())['learning_rate'] == 1.0e-3
+  proc = subprocess.run([sys.executable, '-m', 'jaxsft.dryrun', '--config', f'configs/from_yaml.py:{path}',
+                         '--devices', '1', *jaxsft_only], cwd=ROOT, env=env, text=True, capture_output=True,
+                        timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'peak' in proc.stdout.strip().splitlines()[-1], proc.stdout[-1000:]
