@@ -24,10 +24,10 @@ from absl import logging
 from flax import nnx
 
 from jaxsft import checkpoint
+from jaxsft import run_dir
 from jaxsft.errors import InputError
 from jaxsft.models import hf
 
-TOKENIZER_DIR = 'tokenizer'  # OUTPUT_DIR/tokenizer: the training tokenizer, overrides applied.
 
 
 def generation_config(model_dir: str, tokenizer) -> dict:
@@ -74,7 +74,7 @@ def write_hf_dir(model, hf_cfg: dict, tokenizer, generation: dict, out_dir: str,
 def load_checkpoint_tokenizer(root: str, meta: dict):
   """The tokenizer the run trained with: OUTPUT_DIR/tokenizer, else rebuilt from the run's config."""
   import transformers  # pylint: disable=import-outside-toplevel
-  saved = os.path.join(os.path.dirname(os.path.abspath(root)), TOKENIZER_DIR)
+  saved = os.path.join(os.path.dirname(os.path.abspath(root)), run_dir.TOKENIZER_DIR)
   if os.path.isfile(os.path.join(saved, 'tokenizer_config.json')):
     return transformers.AutoTokenizer.from_pretrained(saved)
   from ml_collections import config_dict  # pylint: disable=import-outside-toplevel

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import queue
-import shutil
 import signal
 import threading
 import time
@@ -32,6 +31,7 @@ from jaxsft import loss as loss_lib
 from jaxsft import metrics as metrics_lib
 from jaxsft import optim
 from jaxsft import reporting
+from jaxsft import run_dir
 from jaxsft import sharding
 from jaxsft import step as step_lib
 from jaxsft.data import index as index_lib
@@ -67,15 +67,6 @@ def load_tokenizer(config: config_dict.ConfigDict, model_dir: str):
   if tokenizer.pad_token is None:
     tokenizer.pad_token = tokenizer.eos_token
   return tokenizer
-
-
-def prepare_output_dir(output_dir: str) -> None:
-  """Refuses to reuse a directory that holds an earlier run: nothing written is ever overwritten."""
-  if os.path.exists(os.path.join(output_dir, 'metrics.jsonl')):
-    raise InputError(f"config field 'output_dir': {output_dir!r} already holds a run (metrics.jsonl); "
-                     'choose another output_dir or remove that one')
-  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-    raise InputError(f"config field 'output_dir': {output_dir!r} exists and is not a directory")
 
 
 def model_config(config: config_dict.ConfigDict, hf_cfg: dict) -> transformer.ModelConfig:
@@ -200,94 +191,6 @@ class Resume:
   log_window: list = dataclasses.field(default_factory=list)
 
 
-def check_shared_output_dir(output_dir: str) -> None:
-  """With several processes, every one must see process 0's output_dir: each writes its checkpoint shards there.
-
-  Process 0 writes a marker file; each process looks for it. A per-host local disk, or a different path per
-  process, fails here with a clear error instead of hanging in the first checkpoint.
-  """
-  if jax.process_count() == 1:
-    return
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  nonce = int(multihost_utils.broadcast_one_to_all(np.int64(time.time_ns() % 2**62)))
-  marker = os.path.join(output_dir, f'.shared-check-{nonce}')
-  if jax.process_index() == 0:
-    os.makedirs(output_dir, exist_ok=True)
-    with open(marker, 'w', encoding='utf-8'):
-      pass
-  multihost_utils.sync_global_devices('jaxsft: output_dir marker written')
-  seen = np.asarray(multihost_utils.process_allgather(np.int32(os.path.exists(marker))))
-  multihost_utils.sync_global_devices('jaxsft: output_dir marker read')
-  if jax.process_index() == 0:
-    os.remove(marker)
-  if not seen.all():
-    missing = ', '.join(str(p) for p in np.flatnonzero(seen == 0))
-    raise InputError(f"config field 'output_dir': process(es) {missing} do not see {output_dir!r} as process 0 "
-                     'does; every process writes its checkpoint shards there, so it must be one directory on a '
-                     'filesystem all hosts share (NFS/Filestore, a gcsfuse mount)')
-
-
-def resume_point(config: config_dict.ConfigDict) -> tuple[str, int] | None:
-  """(checkpoints root, step) to resume from: `resume_from_checkpoint`, else OUTPUT_DIR's newest complete one.
-
-  An output_dir that holds a run (metrics.jsonl) but no complete checkpoint is refused: starting over would
-  overwrite what is there.
-  """
-  if config.resume_from_checkpoint:
-    return checkpoint.locate(config.resume_from_checkpoint, field="config field 'resume_from_checkpoint'")
-  step = checkpoint.latest_step(config.output_dir)
-  if step is not None:
-    return checkpoint.root_of(config.output_dir), step
-  prepare_output_dir(config.output_dir)
-  return None
-
-
-def rewind_metrics(output_dir: str, step: int) -> None:
-  """Keeps metrics.jsonl's rows up to `step` (the resumed run writes the later ones again).
-
-  The rows removed (written after the checkpoint by the interrupted run) are kept in
-  metrics.before-resume-at-STEP.jsonl; nothing is lost.
-  """
-  path = os.path.join(output_dir, 'metrics.jsonl')
-  if not metrics_lib.is_main_process() or not os.path.isfile(path):
-    return
-  with open(path, encoding='utf-8') as f:
-    lines = f.readlines()
-  keep = []
-  for line in lines:
-    try:
-      if json.loads(line).get('step', 0) <= step:
-        keep.append(line)
-    except ValueError:  # A line cut short by a kill: dropped from the rewound file, kept in the backup.
-      pass
-  if len(keep) == len(lines):
-    return
-  backup = os.path.join(output_dir, f'metrics.before-resume-at-{step}.jsonl')
-  n = 1
-  while os.path.exists(backup):
-    n += 1
-    backup = os.path.join(output_dir, f'metrics.before-resume-at-{step}.{n}.jsonl')
-  shutil.copyfile(path, backup)
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
-  log(f'metrics.jsonl rewound to step {step} ({len(lines) - len(keep)} later rows kept in {backup})')
-
-
-def save_tokenizer(tokenizer, output_dir: str) -> None:
-  """OUTPUT_DIR/tokenizer: the training tokenizer, so an export needs nothing but the run directory."""
-  if not metrics_lib.is_main_process():
-    return
-  final = os.path.join(output_dir, export_lib.TOKENIZER_DIR)
-  tmp = final + '.tmp'
-  shutil.rmtree(tmp, ignore_errors=True)
-  tokenizer.save_pretrained(tmp)
-  if os.path.exists(final):
-    shutil.rmtree(final)
-  os.replace(tmp, final)
-
-
 def _resolved_config(config: config_dict.ConfigDict, extra: dict) -> dict:
   resolved = json.loads(config.to_json_best_effort())
   resolved['resolved'] = extra
@@ -298,8 +201,13 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
   """Trains per `config`; returns the final metrics row. Raises InputError for bad input."""
   config_lib.validate(config)
   reporting.check_report_to(config_lib.report_to(config))  # A missing package or W&B login fails here, not later.
-  check_shared_output_dir(config.output_dir)
-  start = resume_point(config)
+  run_dir.check_shared(config.output_dir)
+  with run_dir.RunLock(config.output_dir):  # Also the check that output_dir is writable, before any work.
+    return _run(config)
+
+
+def _run(config: config_dict.ConfigDict) -> dict[str, Any]:
+  start = run_dir.resume_point(config)
 
   # Everything that can fail on user input happens before any device work.
   mesh = sharding.make_mesh(config.mesh)
@@ -357,10 +265,10 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
   # Written only now: a run that failed on its input (incompatible checkpoint, bad weights) changed nothing.
   if metrics_lib.is_main_process():
     os.makedirs(config.output_dir, exist_ok=True)
-    _write_json_atomically(os.path.join(config.output_dir, 'config.json'), resolved)
-    save_tokenizer(tokenizer, config.output_dir)
+    run_dir.write_json_atomically(os.path.join(config.output_dir, 'config.json'), resolved)
+    run_dir.save_tokenizer(tokenizer, config.output_dir)
   if start:
-    rewind_metrics(config.output_dir, resume.step)
+    run_dir.rewind_metrics(config.output_dir, resume.step)
     log(f'resumed from {where} at step {resume.step}')
   meta = {'config': resolved, 'hf_config': hf_cfg, 'model_dir': model_dir,
           'generation_config': export_lib.generation_config(model_dir, tokenizer),
@@ -386,13 +294,6 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
                             dtype=meta['export_dtype'])
   log(f'exported the Hugging Face model to {export_dir}')
   return last_row
-
-
-def _write_json_atomically(path: str, obj) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def restore_state(start: tuple[str, int], model_cfg: transformer.ModelConfig, tx, mesh):
