@@ -9,9 +9,10 @@ seed 42, the model's own chat template and eos, a checkpoint every 20% of the ru
 ZeRO-3-style partitioning over every device (`mesh.fsdp=-1`).
 
 Where: a TPU v5p-32 slice (16 chips). Size it first, on any CPU host with the real TPU compiler:
-`python -m jaxsft.dryrun --config configs/olympic_coder_7b.py --topology v5p-32` (peak 55.57 GiB of 95.74 GiB per
-chip with 4 micro-batches of 2 rows × 32768 tokens per chip, libtpu 0.0.42.1, compiled in 190 s). Beyond the
-recipe, as in configs/r1_distill.py: `global_batch_size`, the mesh, `padding_free` (none changes the loss).
+`python -m jaxsft.dryrun --config configs/olympic_coder_7b.py --topology v5p-32` (peak 38.38 GiB of 95.74 GiB per
+chip with 4 micro-batches of 2 rows × 32768 tokens per chip on libtpu 0.0.42.1, compiled in 88 s; 29.11 GiB on
+0.0.52). Beyond the recipe, as in configs/r1_distill.py: `global_batch_size`, the mesh, `padding_free` and the
+MLP in 8192-position tiles (`model.mlp_chunk_size`; none changes the loss).
 
 How long: an estimate at an assumed 40% MFU (not yet measured on TPU). A 32768-token row costs 2.0e15 FLOPs; if
 every conversation filled a row of its own, 407k rows (10 epochs) would take 3.3 days on a v5p-32. Padding-free

@@ -11,12 +11,13 @@ optimizer state are partitioned over every device (`mesh.fsdp=-1`: ZeRO-3, as op
 
 Where: a TPU v5p-32 slice (16 chips, 95 GB HBM each). Size it on any CPU machine first with the real TPU
 compiler, nothing downloaded: `python -m jaxsft.dryrun --config configs/r1_distill.py --topology v5p-32` (peak
-55.57 GiB of 95.74 GiB per chip with 4 micro-batches of 2 rows × 32768 tokens per chip, libtpu 0.0.42.1,
-compiled in 192 s).
+38.38 GiB of 95.74 GiB per chip with 4 micro-batches of 2 rows × 32768 tokens per chip on libtpu 0.0.42.1, compiled
+in 81 s; 29.11 GiB on libtpu 0.0.52; the largest per-device batch that fits is 4 rows, 8 on libtpu 0.0.52).
 
-Beyond the recipe (`BEYOND_RECIPE`, none of it changes the loss): `global_batch_size`, the mesh, and
-`padding_free`: each step's 128 conversations (exactly those the unpacked run trains on) are laid out
-best-fit-decreasing in the fewest 32768-token rows instead of one per row.
+Beyond the recipe (`BEYOND_RECIPE`, none of it changes the loss): `global_batch_size`, the mesh, `padding_free`
+(each step's 128 conversations, exactly those the unpacked run trains on, laid out best-fit-decreasing in the fewest
+32768-token rows instead of one per row) and `model.mlp_chunk_size` (the MLP runs over 8192-position tiles, so its
+[rows, 32768, 18944] intermediates exist a quarter at a time: 55.57 GiB per chip untiled on libtpu 0.0.42.1).
 
 How long: an estimate, not a measurement (no TPU run of this recipe yet), at an assumed 40% MFU (jaxsft's `mfu`
 metric, not yet measured on TPU). A 32768-token row costs 2.0e15 FLOPs (6 × 7.07B matmul parameters per token

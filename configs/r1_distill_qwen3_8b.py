@@ -8,9 +8,11 @@ template with its default system prompt. One change: the recipe's `open-r1/reaso
 trains on `open-r1/Mixture-of-Thoughts` (config `all`), the public mix OpenR1-Distill-7B uses.
 
 Where: a TPU v5p-32 slice (16 chips). Size it first, on any CPU host with the real TPU compiler:
-`python -m jaxsft.dryrun --config configs/r1_distill_qwen3_8b.py --topology v5p-32` (peak 55.33 GiB of 95.74 GiB
-per chip with 4 micro-batches of 2 rows × 32768 tokens per chip, libtpu 0.0.42.1, compiled in 222 s). Beyond the
-recipe, as in configs/r1_distill.py: `global_batch_size`, the mesh, `padding_free` (none changes the loss).
+`python -m jaxsft.dryrun --config configs/r1_distill_qwen3_8b.py --topology v5p-32` (peak 44.69 GiB of 95.74 GiB
+per chip with 4 micro-batches of 2 rows × 32768 tokens per chip on libtpu 0.0.42.1, compiled in 46 s; 35.80 GiB on
+libtpu 0.0.52; the largest per-device batch that fits is 4 rows). Beyond the recipe, as in configs/r1_distill.py:
+`global_batch_size`, the mesh, `padding_free` and the MLP in 8192-position tiles (`model.mlp_chunk_size`; none
+changes the loss).
 
 How long: an estimate at an assumed 40% MFU (not yet measured on TPU): 7.6B matmul parameters and 36 layers make a
 32768-token row 2.4e15 FLOPs; padding-free, a step's 128 conversations (~5.6k tokens each) fill one micro-batch of
