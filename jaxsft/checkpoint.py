@@ -15,10 +15,19 @@ in the background while training continues. Orbax writes each checkpoint to `STE
 and renames it when complete, waits for the previous save before starting the next, and deletes checkpoints
 beyond `save_total_limit` only after a newer one is complete. A process killed mid-save leaves only the
 temporary directory, which is never read and is removed when the next manager opens the directory.
+
+Integrity: every checkpoint carries `checksums.json` (jaxsft/integrity.py), written in the background save
+thread once its files are complete and before Orbax gives the directory its final name. `newest_verified`
+picks the checkpoint a run resumes from: the newest whose files all match their checksums (the processes of
+a run split the reading); a corrupted one is named with the file that differs, and the run falls back to
+the one before it, or stops if there is none. An explicitly named checkpoint (`resume_from_checkpoint`, an
+export) is verified the same way and refused if corrupted.
 """
 
+import glob
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -26,6 +35,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxsft import distributed
+from jaxsft import integrity
 from jaxsft.errors import InputError
 
 CHECKPOINTS = 'checkpoints'
@@ -58,7 +69,16 @@ def latest_step(output_dir: str) -> int | None:
 
 
 def locate(path: str, *, field: str = 'checkpoint') -> tuple[str, int]:
-  """(checkpoints root, step) for OUTPUT_DIR, OUTPUT_DIR/checkpoints or OUTPUT_DIR/checkpoints/STEP."""
+  """(checkpoints root, step) for OUTPUT_DIR, OUTPUT_DIR/checkpoints (its newest) or OUTPUT_DIR/checkpoints/STEP,
+  verified (InputError naming the file if it is corrupted)."""
+  root, step = _locate(path, field)
+  problem = verify(root, step)
+  if problem:
+    raise InputError(f'{field}: {problem}')
+  return root, step
+
+
+def _locate(path: str, field: str) -> tuple[str, int]:
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
     raise InputError(f'{field}: no such directory {path!r}')
@@ -75,6 +95,63 @@ def locate(path: str, *, field: str = 'checkpoint') -> tuple[str, int]:
   if not steps:
     raise InputError(f'{field}: no complete checkpoint in {root!r}')
   return root, steps[-1]
+
+
+def verify(root: str, step: int) -> str | None:
+  """One line saying why checkpoint `step` is corrupted, or None if its files match their checksums.
+
+  Every process calls it (each reads its share of the files). A checkpoint without checksums (written by a
+  jaxsft before them) cannot be verified: it is accepted, with a warning.
+  """
+  directory = os.path.join(root, str(step))
+  if not integrity.has_checksums(directory):
+    _log(f'warning: checkpoint {directory} has no {integrity.FILE} (an older jaxsft wrote it): not verified')
+    return None
+  problem = integrity.verify(directory, share=(jax.process_index(), jax.process_count()))
+  problems = [p for p in distributed.gather_text(problem or '') if p]
+  return f'checkpoint {directory!r} is corrupted: {problems[0]}' if problems else None
+
+
+def newest_verified(root: str) -> int | None:
+  """The newest complete checkpoint under `root` whose files match their checksums (see the module docstring).
+
+  Raises InputError if there are checkpoints but none verifies: resuming would train on corrupted state.
+  """
+  steps = _complete_steps(root)
+  problems = []
+  for step in reversed(steps):
+    problem = verify(root, step)
+    if problem is None:
+      if problems:
+        _quarantine(root, steps[steps.index(step) + 1:])
+        _log(f'falling back to checkpoint {step}, the newest that verifies')
+      return step
+    _log(f'warning: {problem}')
+    problems.append(problem)
+  if problems:
+    raise InputError(f'{problems[0]}; no earlier checkpoint verifies ({len(problems)} checked): the run cannot '
+                     'resume from this directory (move the checkpoints aside to start over)')
+  return None
+
+
+def _quarantine(root: str, steps: list[int]) -> None:
+  """Renames corrupted checkpoints to STEP.corrupted (kept, never read again): the resumed run saves those steps
+  anew, and Orbax does not write over an existing step."""
+  if jax.process_index() == 0:
+    for step in steps:
+      target = os.path.join(root, f'{step}.corrupted')
+      n = 1
+      while os.path.exists(target):
+        n += 1
+        target = os.path.join(root, f'{step}.corrupted-{n}')
+      os.rename(os.path.join(root, str(step)), target)
+      _log(f'moved the corrupted checkpoint {step} aside to {target}')
+  distributed.gather_text('')  # Every process waits for the renames.
+
+
+def _log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
 
 
 def read_meta(root: str, step: int) -> dict:
@@ -126,27 +203,41 @@ class Manager:
     self.root = root
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=not read_only, create=not read_only,
-        read_only=read_only, cleanup_tmp_directories=not read_only)
+        read_only=read_only, cleanup_tmp_directories=not read_only,
+        async_options=None if read_only else ocp.AsyncOptions(post_finalization_callback=self._write_checksums))
     handlers = {'state': ocp.PyTreeCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
     self._manager = ocp.CheckpointManager(os.path.abspath(root), options=options, item_handlers=handlers)
     self._pending = None  # (step, time the save started) of the save being written in the background.
-    self.last_save = {}  # Timings of the last save: 'blocking_seconds', 'total_seconds' once known.
+    self._saving_step = None  # The step of the newest save started (its checksums are written in the background).
+    self.last_save = {}  # Timings of the last save: 'blocking_seconds', 'total_seconds', 'checksum_seconds'.
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
+
+  def _write_checksums(self) -> None:
+    """Orbax's post-finalization callback (background thread, primary process): the step's files are complete
+    and still in their temporary directory (or in place, on filesystems without atomic renames)."""
+    step = self._saving_step
+    found = sorted(glob.glob(os.path.join(glob.escape(os.path.abspath(self.root)), f'{step}.orbax-checkpoint-tmp*')))
+    directory = found[-1] if found else os.path.join(os.path.abspath(self.root), str(step))
+    t0 = time.perf_counter()
+    integrity.write(directory)
+    self.last_save['checksum_seconds'] = time.perf_counter() - t0
 
   def save(self, step: int, state: dict, meta: dict) -> None:
     """Starts writing checkpoint `step` (after the previous one completes); raises CheckpointError if that failed."""
     self._finish_pending()
     meta = dict(meta, format=FORMAT, step=step, saved_at=time.time())
     t0 = time.perf_counter()
+    self._saving_step = step  # Read by the background thread (_write_checksums).
     try:
       self._manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                       meta=ocp.args.JsonSave(meta)), force=True)
     except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds; all mean "not saved")
       raise CheckpointError(f'saving checkpoint {step} to {self.root!r} failed: {_one_line(e)}') from e
     self._pending = (step, t0)
-    self.last_save = {'step': step, 'blocking_seconds': time.perf_counter() - t0}
+    self.last_save = dict(self.last_save, step=step, blocking_seconds=time.perf_counter() - t0)
+    self.last_save.pop('total_seconds', None)
 
   def wait(self) -> None:
     """Blocks until the background write is complete; raises CheckpointError if it failed."""
@@ -217,7 +308,7 @@ HARMLESS_FIELDS = frozenset({
     'dataset_num_proc', 'dataloader_num_workers', 'dataset_cache_dir', 'accuracy_eval_problems',
     'accuracy_eval_max_new_tokens', 'export_dtype', 'mesh.data', 'mesh.fsdp', 'mesh.tensor', 'model.remat',
     'gradient_checkpointing', 'model.loss_chunk_size', 'model.mlp_chunk_size', 'model.attention_impl', 'eval_generation_prompts',
-    'eval_generation_max_new_tokens', 'eval_generation_temperature', 'eval_generation_top_p',
+    'eval_generation_max_new_tokens', 'eval_generation_temperature', 'eval_generation_top_p', 'nonfinite_policy',
     # The batch per step is checked as a whole ('global_batch_size'): how it splits into devices and
     # micro-batches does not change the step (the loss is normalised by the step's token count).
     'per_device_train_batch_size', 'gradient_accumulation_steps',

@@ -23,6 +23,7 @@ MODEL_INITS = ('pretrained', 'random')
 EXPORT_DTYPES = ('bfloat16', 'float32')
 EVAL_STRATEGIES = ('no', 'steps', 'epoch')
 REPORT_TO = ('tensorboard', 'wandb')
+NONFINITE_POLICIES = ('stop', 'skip')  # jaxsft/guard.py.
 
 
 def base_config() -> config_dict.ConfigDict:
@@ -116,6 +117,9 @@ def base_config() -> config_dict.ConfigDict:
   # training (learning_rate, max_steps, ...; 'all' for any). Logging, eval, mesh and remat may always change.
   c.resume_allow_changes = config_dict.placeholder(str)
   c.export_dtype = config_dict.placeholder(str)  # 'bfloat16' | 'float32'; None: bfloat16 if bf16 else float32.
+  # A NaN/inf loss or gradient norm: 'stop' the run there (exit 1, earlier checkpoints kept, nothing exported), or
+  # 'skip' the step (parameters and optimizer state unchanged; counted as skipped_steps). jaxsft/guard.py.
+  c.nonfinite_policy = 'stop'
 
   # After training, greedy-decode this many held-out problems of a 'synthetic:' dataset and print the
   # exact-match accuracy (the tiny default's proof that SFT worked). 0 = off.
@@ -194,6 +198,7 @@ def validate(config: config_dict.ConfigDict) -> None:
   if config.resume_from_checkpoint and not os.path.isdir(os.path.expanduser(config.resume_from_checkpoint)):
     raise InputError(f"config field 'resume_from_checkpoint': no such directory {config.resume_from_checkpoint!r}")
   _choice(config.lr_scheduler_type, 'lr_scheduler_type', SCHEDULES)
+  _choice(config.nonfinite_policy, 'nonfinite_policy', NONFINITE_POLICIES)
   _choice(config.model.attention_impl, 'model.attention_impl', ATTENTION_IMPLS)
   if config.model.remat is not None:
     _choice(config.model.remat, 'model.remat', REMAT_POLICIES)

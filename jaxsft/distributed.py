@@ -155,3 +155,18 @@ def _int(environ: Mapping[str, str], name: str, *, minimum: int) -> int:
   if number is None or number < minimum:
     raise InputError(f'environment variable {name}: expected an integer >= {minimum}, got {value!r}')
   return number
+
+
+def gather_text(text: str, *, limit: int = 2000) -> list[str]:
+  """Every process's `text` (cut to `limit` UTF-8 bytes), in process order; with one process, `[text]`.
+
+  Every process must call it (it is a collective): a verdict reached on one process (a lock refused, a
+  corrupted file) reaches all of them, so none goes on alone into the next collective.
+  """
+  if jax.process_count() == 1:
+    return [text]
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  data = np.frombuffer(text.encode()[:limit].ljust(limit, b'\0'), np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(data)).reshape(jax.process_count(), limit)
+  return [bytes(row).rstrip(b'\0').decode(errors='replace') for row in rows]

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from jaxsft import checkpoint
+from jaxsft import distributed
 from jaxsft import metrics as metrics_lib
 from jaxsft.errors import InputError
 
@@ -61,11 +62,7 @@ class RunLock:
     self._created_dir = False
 
   def acquire(self) -> 'RunLock':
-    error = self._take() if jax.process_index() == 0 else ''
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      data = np.frombuffer(error.encode()[:4000].ljust(4000, b'\0'), np.uint8)
-      error = bytes(np.asarray(multihost_utils.broadcast_one_to_all(data))).rstrip(b'\0').decode(errors='replace')
+    error = distributed.gather_text(self._take() if jax.process_index() == 0 else '')[0]
     if error:
       raise InputError(error)
     return self
@@ -200,7 +197,7 @@ def resume_point(config) -> tuple[str, int] | None:
   """
   if config.resume_from_checkpoint:
     return checkpoint.locate(config.resume_from_checkpoint, field="config field 'resume_from_checkpoint'")
-  step = checkpoint.latest_step(config.output_dir)
+  step = checkpoint.newest_verified(checkpoint.root_of(config.output_dir))
   if step is not None:
     return checkpoint.root_of(config.output_dir), step
   _refuse_earlier_run(config.output_dir)

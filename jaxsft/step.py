@@ -42,8 +42,11 @@ class TrainStep:
   """
 
   def __init__(self, graphdef, rest, tx: optax.GradientTransformation, loss_chunk_size: int, *,
-               state_shardings=None, attention_windows: tuple[int | None, ...] | None = None):
-    """`attention_windows` (one per layer, `metrics.layer_windows`): the sums also hold 'attended_keys'."""
+               state_shardings=None, attention_windows: tuple[int | None, ...] | None = None,
+               skip_nonfinite: bool = False):
+    """`attention_windows` (one per layer, `metrics.layer_windows`): the sums also hold 'attended_keys'.
+    `skip_nonfinite`: a step whose gradient norm is not finite leaves the state unchanged (jaxsft/guard.py)."""
+    self.skip_nonfinite = skip_nonfinite
     self.graphdef = graphdef
     self.rest = rest  # Non-trainable variables (none today), kept out of the optimizer.
     self.tx = tx
@@ -151,7 +154,10 @@ class TrainStep:
     """One optimizer update with the step's summed gradient; and its norm before clipping (as TRL logs it)."""
     updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
     new_state = {'params': optax.apply_updates(state['params'], updates), 'opt_state': opt_state}
-    return new_state, optim.global_norm(grads)
+    grad_norm = optim.global_norm(grads)
+    if self.skip_nonfinite:  # Selected in the program: the old state's buffers live until the select.
+      new_state = jax.tree.map(lambda new, old: jnp.where(jnp.isfinite(grad_norm), new, old), new_state, state)
+    return new_state, grad_norm
 
 
 def memory_report(compiled) -> str:

@@ -13,6 +13,7 @@ checkpoint write exits with status 1, earlier checkpoints intact.
 """
 
 import os
+import signal
 import sys
 
 from absl import app
@@ -95,18 +96,21 @@ def main(argv):
     distributed.initialize()  # Before anything touches jax devices.
   except InputError as e:
     fail(str(e))
-  from jaxsft import checkpoint, trainer  # Imported here so `--help` and config errors stay fast.
+  from jaxsft import checkpoint, guard, trainer  # Imported here so `--help` and config errors stay fast.
   logging.set_verbosity(logging.ERROR)  # Orbax logs every save step (INFO) and read-only opens (WARNING).
   try:
     trainer.run(config)
   except InputError as e:
     fail(str(e))
-  except checkpoint.CheckpointError as e:
+  except (checkpoint.CheckpointError, guard.NonFiniteError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   except trainer.Preempted as e:  # A checkpoint was saved: exit as the signal would have (128 + its number).
     print(f'preempted: {e}', file=sys.stderr)
     sys.exit(128 + e.signum)
+  except KeyboardInterrupt:  # Ctrl-C before the loop took SIGINT over (data pass, model load), or a second one.
+    print('error: interrupted (Ctrl-C); checkpoints already written are kept', file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == '__main__':

@@ -27,6 +27,8 @@ from jaxsft import checkpoint
 from jaxsft import config as config_lib
 from jaxsft import export as export_lib
 from jaxsft import generate
+from jaxsft import guard
+from jaxsft import library_log
 from jaxsft import loss as loss_lib
 from jaxsft import metrics as metrics_lib
 from jaxsft import optim
@@ -189,6 +191,7 @@ class Resume:
   step: int = 0
   num_tokens: int = 0
   log_window: list = dataclasses.field(default_factory=list)
+  skipped_steps: int = 0  # Steps skipped for a non-finite gradient (nonfinite_policy='skip').
 
 
 def _resolved_config(config: config_dict.ConfigDict, extra: dict) -> dict:
@@ -202,8 +205,15 @@ def run(config: config_dict.ConfigDict) -> dict[str, Any]:
   config_lib.validate(config)
   reporting.check_report_to(config_lib.report_to(config))  # A missing package or W&B login fails here, not later.
   run_dir.check_shared(config.output_dir)
-  with run_dir.RunLock(config.output_dir):  # Also the check that output_dir is writable, before any work.
-    return _run(config)
+  # The lock is also the check that output_dir is writable, before any work; from then on, what libraries print
+  # goes to OUTPUT_DIR/logs (a failed save is one line on the console, pointing there).
+  with run_dir.RunLock(config.output_dir), library_log.LibraryLog(config.output_dir) as libraries:
+    try:
+      return _run(config)
+    except checkpoint.CheckpointError as e:
+      if libraries.count:
+        raise checkpoint.CheckpointError(f"{e} (the libraries' messages are in {libraries.path})") from e
+      raise
 
 
 def _run(config: config_dict.ConfigDict) -> dict[str, Any]:
@@ -258,10 +268,14 @@ def _run(config: config_dict.ConfigDict) -> dict[str, Any]:
 
   if start:
     state, shardings, graphdef, rest = restore_state(start, model_cfg, tx, mesh)
-    resume = Resume(step=saved_meta['step'], num_tokens=saved_meta['num_tokens'], log_window=saved_meta['log_window'])
+    resume = Resume(step=saved_meta['step'], num_tokens=saved_meta['num_tokens'], log_window=saved_meta['log_window'],
+                    skipped_steps=saved_meta.get('skipped_steps', 0))
+    guard.check_params(state['params'], f'of checkpoint {where!r}')
   else:
     state, shardings, graphdef, rest = init_state(config, model_dir, model_cfg, tx, mesh)
     resume = Resume()
+    guard.check_params(state['params'], 'initialised at random' if config.model_init == 'random'
+                       else f'loaded from {model_dir!r}')
   # Written only now: a run that failed on its input (incompatible checkpoint, bad weights) changed nothing.
   if metrics_lib.is_main_process():
     os.makedirs(config.output_dir, exist_ok=True)
@@ -282,7 +296,8 @@ def _run(config: config_dict.ConfigDict) -> dict[str, Any]:
           f'({"random init" if config.model_init == "random" else "from " + model_dir}), '
           f'compute {model_cfg.dtype}, remat {model_cfg.remat}, attention {attention_impl}')
       step_fn = step_lib.TrainStep(graphdef, rest, tx, config.model.loss_chunk_size, state_shardings=shardings,
-                                   attention_windows=metrics_lib.layer_windows(model_cfg))
+                                   attention_windows=metrics_lib.layer_windows(model_cfg),
+                                   skip_nonfinite=config.nonfinite_policy == 'skip')
       state, last_row = _train_loop(config, mesh, step_fn, state, data, schedule, model_cfg, manager, meta, resume,
                                     tokenizer)
       model = nnx.merge(graphdef, sharding.gather_to_host(state['params']), rest)
@@ -437,6 +452,7 @@ def _train_loop(config, mesh, step_fn: step_lib.TrainStep, state, data: prepare.
   bar = reporting.ProgressBar(geometry.total_steps, resume.step,
                               disable=config.disable_tqdm or not metrics_lib.is_main_process())
   preemption = Preemption()
+  nonfinite = guard.Guard(config.nonfinite_policy, config.learning_rate, skipped=resume.skipped_steps)
   window_sums, last_row = list(resume.log_window), {}  # The steps since the last logged row (for loss metrics).
   first_row_extra = {}  # Compilation timings, for the first row this run writes.
   num_tokens_total = resume.num_tokens
@@ -448,9 +464,10 @@ def _train_loop(config, mesh, step_fn: step_lib.TrainStep, state, data: prepare.
   prefetcher = Prefetcher(loader, mesh)
 
   def save(step):
+    nonfinite.check(window_sums, step)  # Never a checkpoint of non-finite state.
     t0 = time.perf_counter()
     manager.save(step, state, dict(meta, loader=loader_state, num_tokens=num_tokens_total,
-                                   log_window=_host_window(window_sums)))
+                                   log_window=_host_window(window_sums), skipped_steps=nonfinite.skipped))
     log(f'checkpoint {step}: saving in the background ({time.perf_counter() - t0:.2f}s blocking)')
     return step
 
@@ -473,7 +490,10 @@ def _train_loop(config, mesh, step_fn: step_lib.TrainStep, state, data: prepare.
                             [sums['attended_keys'] for sums in step_sums if 'attended_keys' in sums] or None)
       bar.step()
       if step % config.logging_steps == 0 or step == geometry.total_steps:
-        last_row = _log_row(window_sums, step, geometry, schedule, num_tokens_total)  # Waits for the devices.
+        nonfinite.check(window_sums, step)  # Waits for the devices.
+        last_row = _log_row(window_sums, step, geometry, schedule, num_tokens_total)
+        if config.nonfinite_policy == 'skip':
+          last_row['skipped_steps'] = nonfinite.skipped
         last_row.update(throughput.measure())
         peak = metrics_lib.peak_memory_bytes()
         if peak is not None:

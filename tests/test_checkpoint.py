@@ -32,6 +32,9 @@ LOGGING_STEPS = 3
 EXACT_KEYS = ('step', 'loss', 'learning_rate', 'grad_norm', 'mean_token_accuracy', 'entropy', 'num_tokens', 'epoch')
 
 pytestmark = pytest.mark.slow
+# The beginnings of the console lines jaxsft itself prints during a run.
+_OWN_LINES = ('data: ', 'training ', 'memory per device', 'model: ', 'compiled the train step', 'first step',
+              'step=', 'checkpoint ', 'error: ')
 
 
 @pytest.fixture(scope='module')
@@ -287,8 +290,11 @@ echo "exit=$?"
                         env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300, check=False)
   err = (tmp_path / 'train.err').read_text()
   assert 'exit=1' in proc.stdout, proc.stdout + proc.stderr + err[-3000:]
-  (line,) = [line for line in err.splitlines() if line.startswith('error: ')]  # Orbax's own log lines aside.
+  (line,) = [line for line in err.splitlines() if line.startswith('error: ')]
   assert line.startswith('error: writing checkpoint ') and 'No space left on device' in line, line
+  # The libraries' log records and thread tracebacks (~190 lines) went to a file, which the line names.
+  assert "(the libraries' messages are in " in line and 'Traceback' not in err, err[-3000:]
+  assert not [x for x in err.splitlines() if not x.startswith(_OWN_LINES)], err[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert len(result['complete']) >= 2, result  # Earlier checkpoints are whole and restore.
   assert result['restored'] == result['complete'][-1]

@@ -23,6 +23,7 @@ import jaxsft
 from jaxsft import checkpoint
 from jaxsft import config as config_lib
 from jaxsft import export
+from jaxsft import run_dir
 from jaxsft import trainer
 from jaxsft.models import hf
 from tests.helpers import processes
@@ -195,7 +196,7 @@ def planted(runs, workdir) -> pathlib.Path:
   give checkpoint 1's weights, not the newest complete one's."""
   run = runs('qwen3')
   copy = workdir / 'planted'
-  shutil.copytree(run.out, copy, ignore=shutil.ignore_patterns('hf', export.TOKENIZER_DIR))
+  shutil.copytree(run.out, copy, ignore=shutil.ignore_patterns('hf', run_dir.TOKENIZER_DIR))
   ckpts = copy / checkpoint.CHECKPOINTS
   shutil.copytree(ckpts / '1', ckpts / '3.orbax-checkpoint-tmp-1700000000')
   shutil.copytree(ckpts / '1', ckpts / '4', ignore=shutil.ignore_patterns('meta'))
@@ -336,7 +337,7 @@ def test_exported_tokenizer_applies_the_training_chat_template_and_eos(runs, tmp
   output_dir = run.out
   if source == 'rebuilt_from_meta':
     output_dir = tmp_path / 'run'
-    shutil.copytree(run.out, output_dir, ignore=shutil.ignore_patterns('hf', export.TOKENIZER_DIR))
+    shutil.copytree(run.out, output_dir, ignore=shutil.ignore_patterns('hf', run_dir.TOKENIZER_DIR))
   out = export.export_checkpoint(str(output_dir), str(tmp_path / 'hf'))
 
   tokenizer = transformers.AutoTokenizer.from_pretrained(out)

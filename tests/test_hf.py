@@ -268,6 +268,21 @@ def test_import_then_export_reproduces_every_tensor(tiny_hf, tmp_path, name):
     assert np.array_equal(exported[key].numpy(), value.numpy()), key
 
 
+@pytest.mark.parametrize('name', ['qwen2', 'qwen3', 'llama3', 'mistral'])
+def test_export_names_its_transformers_class_even_when_the_config_does_not(tiny_hf, tmp_path, name):
+  """A random-init run's config (the shipped tiny one) has no `architectures`; tools that dispatch on it (vLLM,
+  lm-eval, the hub) need it: every export carries its family's *ForCausalLM class, which transformers loads."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  hf_model = tiny_hf.model(name)
+  source = tiny_hf.save(hf_model)
+  hf_cfg = hf.read_hf_config(source)
+  hf_cfg.pop('architectures', None)
+  hf.save_pretrained(_ours(source), hf_cfg, tmp_path)
+  written = json.loads((tmp_path / 'config.json').read_text())
+  assert written['architectures'] == [type(hf_model).__name__], written.get('architectures')
+  assert type(transformers.AutoModelForCausalLM.from_pretrained(tmp_path)).__name__ == type(hf_model).__name__
+
+
 def test_bfloat16_import_then_export_is_exact(tiny_hf, tmp_path):
   import torch  # pylint: disable=import-outside-toplevel
   source = tiny_hf.save(tiny_hf.model('llama3').to(torch.bfloat16))

@@ -43,6 +43,9 @@ from jaxsft.models.transformer import ModelConfig
 from jaxsft.models.transformer import Transformer
 
 MODEL_TYPES = ('llama', 'qwen2', 'qwen3', 'mistral')
+# The transformers class an export is (config.json `architectures`: vLLM, lm-eval and the hub dispatch on it).
+CAUSAL_LM_CLASSES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM',
+                     'mistral': 'MistralForCausalLM'}
 HUB_PATTERNS = ['*.json', '*.safetensors', '*.jinja', '*.txt', '*.model', '*.tiktoken']
 _HUB_ID = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?$')
 
@@ -597,6 +600,7 @@ def save_pretrained(model: Transformer, hf_cfg: dict, out_dir, *, dtype: str = '
                                                   stale.name):
       stale.unlink()
   config = dict(hf_cfg)
+  config['architectures'] = [CAUSAL_LM_CLASSES[config['model_type']]]  # Also for a config built by hand.
   config['dtype'] = dtype
   config['torch_dtype'] = dtype
   config['tie_word_embeddings'] = model.cfg.tie_word_embeddings
