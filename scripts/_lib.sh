@@ -17,6 +17,19 @@ require() {
   [[ -n "$2" ]] || die "missing required argument $1 (see --help)"
 }
 
+# once FLAG [WHAT]: fails when FLAG, or another flag that sets WHAT (default: FLAG's own value), was given
+# before; call it in a parse loop for options that take one value (`once "$1" "the setup command"`).
+declare -gA _lib_given=()
+once() {
+  local what="${2:-$1}" earlier
+  earlier="${_lib_given[$what]:-}"
+  if [[ -n "$earlier" ]]; then
+    [[ "$earlier" != "$1" ]] || die "$1 given twice: give it once"
+    die "$earlier and $1 both set $what: give one of them"
+  fi
+  _lib_given[$what]="$1"
+}
+
 # plain_name FLAG VALUE: fails unless VALUE is a plain name (letters, digits, '_', '.', '-'), safe in paths.
 plain_name() {
   [[ "$2" =~ ^[A-Za-z0-9_.-]+$ ]] || die "$1 must be letters, digits, '_', '.', '-': got $2"

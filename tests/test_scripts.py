@@ -1,7 +1,8 @@
 """The TPU and SLURM launch scripts (scripts/tpu/, scripts/gpu/): shellcheck, --help, argument errors, and the
-exact commands their --dry-run prints. The remote command lines that launch.sh and stop.sh send to every TPU
-worker, and the batch script slurm.sh writes, are also run here (against stand-in `python`, `curl`, `srun`)
-to show that training arguments with spaces and quotes reach the trainer unchanged.
+exact commands their --dry-run prints. The remote command lines that launch.sh, stop.sh and setup.sh send to
+every TPU worker, and the batch script slurm.sh writes, are also run here (against stand-in `python`, `curl`,
+`srun`, `sudo`): training arguments with spaces and quotes reach the trainer unchanged, `stop.sh --force` after
+`stop.sh` still kills a process that ignores SIGTERM, and setup.sh picks the newest Python a worker has.
 """
 
 import json
@@ -24,6 +25,9 @@ GPU = ROOT / 'scripts' / 'gpu'
 TPU_SCRIPTS = ['create.sh', 'setup.sh', 'launch.sh', 'logs.sh', 'stop.sh', 'delete.sh']
 GPU_CHECK = ROOT / 'benchmarks' / 'gpu_check.sh'
 ALL_SCRIPTS = [TPU / name for name in TPU_SCRIPTS] + [TPU / '_common.sh', TPU.parent / '_lib.sh', GPU / 'slurm.sh']
+# What setup.sh's remote command starts with when no --python is given: the newest python3.X, X >= 11, else 3.11.
+PICK_PYTHON = ("py=$(compgen -c python3. | grep -xE 'python3\\.(1[1-9]|[2-9][0-9])' | sort -u -t. -k2,2n | tail -n 1"
+               " || true); py=${py:-python3.11}")
 # A training argument that breaks naive quoting: spaces, both quote kinds, $, backslash, glob characters.
 NASTY = '--config.chat_template={{ "it\'s" }} $HOME \\n *.py'
 
@@ -119,6 +123,18 @@ def test_help(env, script):
     (GPU / 'slurm.sh', ['--', '--config', 'configs/sft.py'], 'missing required argument --nodes'),
     (GPU / 'slurm.sh', ['--nodes', '2'], 'missing training arguments'),
     (GPU / 'slurm.sh', ['--nodes', 'two', '--config', 'c.py'], '--nodes must be a positive number'),
+    (GPU / 'slurm.sh', ['--nodes', '2', '--setup', 'module load cuda', '--venv', '.venv', '--config', 'c.py'],
+     '--setup and --venv both set the setup command: give one of them'),
+    (GPU / 'slurm.sh', ['--nodes', '2', '--venv', '.venv', '--setup', 'module load cuda', '--config', 'c.py'],
+     '--venv and --setup both set the setup command: give one of them'),
+    (GPU / 'slurm.sh', ['--nodes', '2', '--venv', 'a', '--venv', 'b', '--config', 'c.py'], '--venv given twice'),
+    (GPU / 'slurm.sh', ['--nodes', '2', '--setup', 'a', '--setup', 'b', '--config', 'c.py'], '--setup given twice'),
+    (GPU / 'slurm.sh', ['--nodes', '2', '--nodes', '4', '--config', 'c.py'], '--nodes given twice'),
+    (GPU / 'slurm.sh', ['--nodes', '2', '--time', '1:00:00', '--time', '2:00:00', '--config', 'c.py'],
+     '--time given twice'),
+    (GPU / 'slurm.sh', ['--nodes', '2', '--signal-lead', '2m', '--config', 'c.py'],
+     '--signal-lead must be 0 to 65535 seconds, got 2m'),
+    (GPU / 'slurm.sh', ['--nodes', '2', '--signal-lead', '70000', '--config', 'c.py'], '--signal-lead must be'),
 ])
 def test_bad_arguments_exit_2_with_one_line(env, script, args, needle):
   proc = _run(env, script, *args, '--dry-run')
@@ -162,8 +178,8 @@ def test_setup_ships_working_tree(env, tmp_path):
   ssh = shlex.split(ssh)
   assert ssh[5:9] == ['sft', '--zone=z', '--project=p', '--worker=all']
   remote = _remote(ssh)
-  assert remote.startswith('set -euo pipefail; mkdir -p jaxsft && tar -xzf jaxsft.tar.gz -C jaxsft && ')
-  assert 'python3.11 -m venv jaxsft-venv' in remote
+  assert remote.startswith(f'set -euo pipefail; {PICK_PYTHON}; mkdir -p jaxsft && tar -xzf jaxsft.tar.gz -C jaxsft && ')
+  assert '"$py" -m venv --clear jaxsft-venv' in remote
   assert remote.endswith("cd jaxsft && ../jaxsft-venv/bin/python -m pip install -q -U pip"
                          " && ../jaxsft-venv/bin/python -m pip install -q -e '.[tpu]'")
   # The printed packing line is a real shell pipeline: run it and look inside the tarball.
@@ -178,11 +194,74 @@ def test_setup_from_git(env):
   [ssh] = _dry(env, TPU / 'setup.sh', '--name', 'sft', '--zone', 'z', '--git', 'https://example.com/a b.git',
                '--rev', 'v0.1', '--python', 'python3.12')
   remote = _remote(ssh)
-  assert remote.startswith("set -euo pipefail; { [ -d jaxsft/.git ] || git clone 'https://example.com/a b.git'"
-                           " jaxsft; } && git -C jaxsft fetch -q --tags origin && ")
+  assert remote.startswith("set -euo pipefail; py=python3.12; { [ -d jaxsft/.git ] || git clone"
+                           " 'https://example.com/a b.git' jaxsft; } && git -C jaxsft fetch -q --tags origin && ")
   assert 'checkout -q --force --detach origin/v0.1 2>/dev/null || git -C jaxsft checkout -q --force --detach v0.1' \
       in remote
-  assert 'python3.12 -m venv jaxsft-venv' in remote and 'python3.11' not in remote
+  assert 'compgen' not in remote and 'python3.11' not in remote
+
+
+def _fake_python(bin_dir: pathlib.Path, name: str, version: str, log: pathlib.Path) -> None:
+  """A stand-in interpreter NAME for setup.sh: answers -V, `-c 'import ensurepip'` and `-m venv [--clear] DIR`
+  (DIR/bin/python: a stand-in that answers -V and logs everything else); every call goes to `log`."""
+  venv_python = bin_dir.parent / f'venv-python-{version}'
+  venv_python.write_text(f'#!/bin/sh\necho "venv-{version} $*" >> {log}\n[ "$1" != -V ] || echo "Python {version}"\n')
+  venv_python.chmod(0o755)
+  _stub(bin_dir, name, f'echo "{name} $*" >> {log}\n'
+        f'case "$1" in -V) echo "Python {version}" ;; -c) ;; -m) [ "$2" = venv ] || exit 1; shift 2\n'
+        f'  [ "$1" != --clear ] || shift; mkdir -p "$1/bin" && cp {venv_python} "$1/bin/python" ;; *) exit 1 ;; esac\n')
+
+
+def _setup_on_worker(env, tmp_path, bin_dir: pathlib.Path, *args: str) -> list[str]:
+  """Runs setup.sh's remote command (the working-tree way) in a stand-in worker home whose PATH is bin_dir and
+  the few tools the command uses: its output lines."""
+  home, tools = tmp_path / 'home', tmp_path / 'tools'
+  if not tools.exists():
+    tools.mkdir()
+    for tool in ('mkdir', 'tar', 'gzip', 'rm', 'cp', 'grep', 'sort', 'tail'):
+      (tools / tool).symlink_to(shutil.which(tool))
+  home.mkdir(exist_ok=True)
+  with tarfile.open(home / 'jaxsft.tar.gz', 'w:gz') as tar:
+    tar.add(ROOT / 'pyproject.toml', 'pyproject.toml')
+  ssh = _dry(env, TPU / 'setup.sh', '--name', 'sft', '--zone', 'z', *args)[-1]
+  done = subprocess.run([shutil.which('bash'), '-c', _remote(ssh)], cwd=home, text=True, capture_output=True,
+                        timeout=60, check=False, env={'HOME': str(home), 'PATH': f'{bin_dir}:{tools}'})
+  assert done.returncode == 0 and done.stderr == '', (done.stdout, done.stderr)
+  assert (home / 'jaxsft' / 'pyproject.toml').exists() and not (home / 'jaxsft.tar.gz').exists()
+  return done.stdout.splitlines()
+
+
+def test_setup_picks_the_newest_python_on_a_worker(env, tmp_path):
+  log, new, old = tmp_path / 'calls', tmp_path / 'new-image', tmp_path / 'old-image'
+  for name, version in [('python3.10', '3.10.12'), ('python3.11', '3.11.9'), ('python3.12', '3.12.3'),
+                        ('python3.12-config', '3.12.3'), ('python3', '3.12.3'), ('python3.9', '3.9.5')]:
+    _fake_python(new, name, version, log)
+  pip = ['-m pip install -q -U pip', "-m pip install -q -e .[tpu]"]
+
+  def calls():
+    lines = log.read_text().splitlines()
+    log.unlink()
+    return lines
+
+  # No --python: the newest python3.X on the worker, printed; the venv is made with it.
+  assert _setup_on_worker(env, tmp_path, new) == ['using python3.12 (Python 3.12.3) for ~/jaxsft-venv']
+  assert calls() == ['python3.12 -c import ensurepip', 'python3.12 -V', 'python3.12 -m venv --clear jaxsft-venv',
+                     *[f'venv-3.12.3 {call}' for call in pip]]
+  # Again: the venv runs that Python already and is kept.
+  assert _setup_on_worker(env, tmp_path, new) == ['using python3.12 (Python 3.12.3) for ~/jaxsft-venv']
+  assert 'python3.12 -m venv --clear jaxsft-venv' not in calls()
+  # --python wins, and a venv of another Python is made again.
+  assert _setup_on_worker(env, tmp_path, new, '--python', 'python3.11') == [
+      'using python3.11 (Python 3.11.9) for ~/jaxsft-venv']
+  assert 'python3.11 -m venv --clear jaxsft-venv' in calls()
+  # A worker with no python3.X >= 3.11: apt installs python3.11 and its venv module.
+  _fake_python(old, 'python3.10', '3.10.12', log)
+  _fake_python(tmp_path / 'apt', 'python3.11', '3.11.9', log)
+  _stub(old, 'sudo', f'echo "sudo $*" >> {log}\n[ "$2" != install ] || cp {tmp_path}/apt/python3.11 {old}/\n')
+  shutil.rmtree(tmp_path / 'home' / 'jaxsft-venv')
+  assert _setup_on_worker(env, tmp_path, old) == ['using python3.11 (Python 3.11.9) for ~/jaxsft-venv']
+  assert calls()[:4] == ['sudo apt-get update -q', 'sudo apt-get install -y -q python3.11 python3.11-venv',
+                         'python3.11 -V', 'python3.11 -m venv --clear jaxsft-venv']
 
 
 def _stub(bin_dir: pathlib.Path, name: str, body: str) -> None:
@@ -244,18 +323,66 @@ def test_launch_and_stop_run_on_a_worker(env, tmp_path):
     assert os.getpgid(pid) == pid  # its own process group, so stop.sh reaches its children too
 
     [stop] = _dry(env, TPU / 'stop.sh', '--name', 'sft', '--zone', 'z', '--run', 'r1')
-    stopped = subprocess.run(['bash', '-c', _remote(stop)], cwd=home, env=worker_env, text=True,
-                             capture_output=True, timeout=30, check=True)
-    assert stopped.stdout == f'stopped {pid} (jaxsft-logs/r1/worker-3.pid)\n'
+    assert _on_worker(stop, home, worker_env) == [f'sent SIGTERM to {pid} (jaxsft-logs/r1/worker-3.pid): {SAVES}']
     _wait_for(lambda: _gone(pid), 'the training process to exit')
+    # The pid file outlives the SIGTERM; the next stop finds the process gone and removes it.
+    assert pid_file.exists()
+    assert _on_worker(stop, home, worker_env) == [f'{pid} had exited: removed jaxsft-logs/r1/worker-3.pid']
     assert not pid_file.exists()
-    # A second stop finds nothing to do and still succeeds.
-    again = subprocess.run(['bash', '-c', _remote(stop)], cwd=home, env=worker_env, text=True,
-                           capture_output=True, timeout=30, check=True)
-    assert again.stdout == ''
+    # Then a stop finds nothing to do and still succeeds.
+    assert _on_worker(stop, home, worker_env) == []
   finally:
     if not _gone(pid):
       os.killpg(pid, signal.SIGKILL)
+
+
+def _on_worker(command: list[str], home: pathlib.Path, worker_env: dict[str, str]) -> list[str]:
+  """Runs the --command= of a gcloud ssh command in a stand-in worker home directory: its output lines."""
+  done = subprocess.run(['bash', '-c', _remote(command)], cwd=home, env=worker_env, text=True, capture_output=True,
+                        timeout=60, check=False)
+  assert done.returncode == 0 and done.stderr == '', (done.returncode, done.stdout, done.stderr)
+  return done.stdout.splitlines()
+
+
+SAVES = 'it saves a checkpoint at the next step boundary and exits; stop.sh --force kills it'
+
+
+def test_stop_then_force_kills_a_process_that_ignores_sigterm(env, tmp_path):
+  """stop.sh keeps the pid file of a process that outlives SIGTERM, so a later stop.sh --force still kills it."""
+  home = tmp_path / 'home'
+  (home / 'jaxsft').mkdir(parents=True)
+  # Stand-in for training that ignores SIGTERM (as jax's handler does outside the loop), with a child.
+  _stub(home / 'jaxsft-venv' / 'bin', 'python', 'trap "" TERM\nsleep 300 &\necho ready\nwait\n')
+  _stub(tmp_path / 'bin', 'curl', 'echo 0\n')
+  worker_env = dict(env, HOME=str(home))
+  [launch] = _dry(env, TPU / 'launch.sh', '--name', 'sft', '--zone', 'z', '--run', 'r1', '--config', 'c.py')
+  _on_worker(launch, home, worker_env)
+  pid_file = home / 'jaxsft-logs' / 'r1' / 'worker-0.pid'
+  pid = int(pid_file.read_text())
+  try:
+    _wait_for(lambda: 'ready' in (home / 'jaxsft-logs' / 'r1' / 'worker-0.log').read_text(), 'the trap')
+    [stop] = _dry(env, TPU / 'stop.sh', '--name', 'sft', '--zone', 'z', '--run', 'r1')
+    [force] = _dry(env, TPU / 'stop.sh', '--name', 'sft', '--zone', 'z', '--force')
+    for _ in range(2):  # SIGTERM, twice: ignored, and the pid file stays.
+      assert _on_worker(stop, home, worker_env) == [f'sent SIGTERM to {pid} (jaxsft-logs/r1/worker-0.pid): {SAVES}']
+    time.sleep(0.5)
+    assert not _gone(pid) and pid_file.read_text().strip() == str(pid)
+    assert _on_worker(force, home, worker_env) == [f'killed {pid} (jaxsft-logs/r1/worker-0.pid)']
+    assert _gone(pid) and not pid_file.exists()
+    assert _on_worker(force, home, worker_env) == []
+    assert _on_worker(stop, home, worker_env) == []
+  finally:
+    if not _gone(pid):
+      os.killpg(pid, signal.SIGKILL)
+
+
+def test_stop_removes_unreadable_pid_files(env, tmp_path):
+  home = tmp_path / 'home'
+  (home / 'jaxsft-logs' / 'r1').mkdir(parents=True)
+  (home / 'jaxsft-logs' / 'r1' / 'worker-0.pid').write_text('')
+  [stop] = _dry(env, TPU / 'stop.sh', '--name', 'sft', '--zone', 'z')
+  assert _on_worker(stop, home, dict(env, HOME=str(home))) == ['removed jaxsft-logs/r1/worker-0.pid: no pid in it']
+  assert list((home / 'jaxsft-logs' / 'r1').iterdir()) == []
 
 
 def test_logs(env):
@@ -298,7 +425,7 @@ def test_slurm_two_nodes(env, tmp_path):
   assert sbatch == ['#SBATCH --job-name=jaxsft', '#SBATCH --nodes=2', '#SBATCH --ntasks-per-node=1',
                     '#SBATCH --gpus-per-node=4', '#SBATCH --exclusive',
                     f'#SBATCH --output={ROOT}/runs/slurm/%x-%j.out', '#SBATCH --partition=gpu',
-                    '#SBATCH --time=12:00:00', '#SBATCH --account=acct']
+                    '#SBATCH --time=12:00:00', '#SBATCH --account=acct', '#SBATCH --signal=TERM@120']
   # Run the batch script with a stand-in srun: the venv hook runs first and the arguments arrive intact.
   fake_bin = tmp_path / 'fake-bin'
   _stub(fake_bin, 'srun', f'exec {shlex.quote(sys.executable)} -c '
@@ -312,6 +439,19 @@ def test_slurm_two_nodes(env, tmp_path):
   assert where == f'{ROOT} yes'
   assert json.loads(argv) == ['--ntasks-per-node=1', '--kill-on-bad-exit=1', 'python', '-m', 'jaxsft.train',
                               *train_args]
+
+
+@pytest.mark.parametrize('args,directive', [([], '#SBATCH --signal=TERM@120'),
+                                            (['--signal-lead', '600'], '#SBATCH --signal=TERM@600'),
+                                            (['--signal-lead', '0'], None)])
+def test_slurm_signals_training_before_the_time_limit(env, args, directive):
+  """SIGTERM goes to the job steps' tasks (the python processes: no `B:`, which would signal only the batch shell)
+  a lead time before the time limit, so training saves a checkpoint; --signal-lead 0 leaves it out."""
+  lines = _dry_lines(env, GPU / 'slurm.sh', '--nodes', '2', '--time', '4:00:00', *args, '--config', 'c.py')
+  assert [line for line in lines if '--signal' in line and line.startswith('#SBATCH')] == (
+      [directive] if directive else [])
+  assert not any('B:' in line for line in lines)
+  assert '--signal-lead S' in _run(env, GPU / 'slurm.sh', '--help').stdout
 
 
 def test_slurm_container(env):

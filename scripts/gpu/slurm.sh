@@ -24,11 +24,16 @@ Options:
   --job-name NAME        job name (default: jaxsft); also names the script and the log
   --setup CMD            shell command run before srun, e.g. 'source .venv/bin/activate' or
                          'module load cuda/12.4' (srun hands the resulting environment to every node)
-  --venv DIR             shorthand for --setup 'source DIR/bin/activate'
+  --venv DIR             shorthand for --setup 'source DIR/bin/activate' (give --setup or --venv, once)
   --container IMAGE      run inside IMAGE with pyxis (srun --container-image), repository mounted
+  --signal-lead S        SLURM sends SIGTERM to the training processes S seconds before the time limit
+                         (#SBATCH --signal=TERM@S), so they save a checkpoint at the next step boundary and
+                         exit; S must cover a step plus a checkpoint save, and SLURM may signal up to 60 s
+                         early (default: 120; 0: no early signal, and the time limit's own SIGTERM leaves
+                         only the cluster's KillWait, often 30 s, before SIGKILL)
   --dry-run              print the batch script and the sbatch command instead of writing/submitting
   -h, --help             this help
-Logs: runs/slurm/NAME-JOBID.out.
+Each option takes one value and is given at most once. Logs: runs/slurm/NAME-JOBID.out.
 
 Examples:
   scripts/gpu/slurm.sh --nodes 2 --partition gpu --time 12:00:00 --venv .venv -- \
@@ -38,19 +43,21 @@ Examples:
 USAGE
 }
 
-nodes="" gpus="8" partition="" time_limit="" account="" job="jaxsft" setup="" container="" dry_run=0
+nodes="" gpus="8" partition="" time_limit="" account="" job="jaxsft" setup="" container="" lead="120" dry_run=0
 train_args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --nodes) need "$1" "$#" "${2:-}"; nodes="$2"; shift 2 ;;
-    --gpus-per-node) need "$1" "$#" "${2:-}"; gpus="$2"; shift 2 ;;
-    --partition) need "$1" "$#" "${2:-}"; partition="$2"; shift 2 ;;
-    --time) need "$1" "$#" "${2:-}"; time_limit="$2"; shift 2 ;;
-    --account) need "$1" "$#" "${2:-}"; account="$2"; shift 2 ;;
-    --job-name) need "$1" "$#" "${2:-}"; job="$2"; shift 2 ;;
-    --setup) need "$1" "$#" "${2:-}"; setup="$2"; shift 2 ;;
-    --venv) need "$1" "$#" "${2:-}"; setup="source $(quote "$2")/bin/activate"; shift 2 ;;
-    --container) need "$1" "$#" "${2:-}"; container="$2"; shift 2 ;;
+    --nodes) need "$1" "$#" "${2:-}"; once "$1"; nodes="$2"; shift 2 ;;
+    --gpus-per-node) need "$1" "$#" "${2:-}"; once "$1"; gpus="$2"; shift 2 ;;
+    --partition) need "$1" "$#" "${2:-}"; once "$1"; partition="$2"; shift 2 ;;
+    --time) need "$1" "$#" "${2:-}"; once "$1"; time_limit="$2"; shift 2 ;;
+    --account) need "$1" "$#" "${2:-}"; once "$1"; account="$2"; shift 2 ;;
+    --job-name) need "$1" "$#" "${2:-}"; once "$1"; job="$2"; shift 2 ;;
+    --setup) need "$1" "$#" "${2:-}"; once "$1" "the setup command"; setup="$2"; shift 2 ;;
+    --venv) need "$1" "$#" "${2:-}"; once "$1" "the setup command"
+      setup="source $(quote "$2")/bin/activate"; shift 2 ;;
+    --container) need "$1" "$#" "${2:-}"; once "$1"; container="$2"; shift 2 ;;
+    --signal-lead) need "$1" "$#" "${2:-}"; once "$1"; lead="$2"; shift 2 ;;
     --config) need "$1" "$#" "${2:-}"; train_args+=("$1" "$2"); shift 2 ;;
     --config.* | --config=*) train_args+=("$1"); shift ;;
     --dry-run) dry_run=1; shift ;;
@@ -62,6 +69,10 @@ done
 [[ -n "$nodes" ]] || die "missing required argument --nodes (see --help)"
 [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive number, got $nodes"
 [[ "$gpus" =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node must be a positive number, got $gpus"
+if ! [[ "$lead" =~ ^[0-9]{1,5}$ ]] || ((10#$lead > 65535)); then
+  die "--signal-lead must be 0 to 65535 seconds, got $lead"
+fi
+lead=$((10#$lead))
 plain_name --job-name "$job"
 [[ ${#train_args[@]} -gt 0 ]] || die "missing training arguments (e.g. -- --config configs/sft.py)"
 
@@ -90,8 +101,14 @@ batch() {
   [[ -z "$partition" ]] || echo "#SBATCH --partition=$partition"
   [[ -z "$time_limit" ]] || echo "#SBATCH --time=$time_limit"
   [[ -z "$account" ]] || echo "#SBATCH --account=$account"
+  # Without B:, SLURM signals the tasks of every job step (each node's python), not the batch shell.
+  [[ "$lead" == 0 ]] || echo "#SBATCH --signal=TERM@$lead"
   echo "# One task per node; each sees all its node's GPUs. jax.distributed.initialize() reads the"
   echo "# coordinator address, process count and process id from SLURM's environment."
+  if [[ "$lead" != 0 ]]; then
+    echo "# --signal: $lead s before the time limit SLURM sends SIGTERM to the python processes (not to this"
+    echo "# shell): each saves a checkpoint at the next step boundary and exits; run the job again to resume."
+  fi
   echo "set -eo pipefail"
   echo "cd $(quote "$repo_root")"
   [[ -z "$setup" ]] || echo "$setup"

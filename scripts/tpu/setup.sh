@@ -20,8 +20,10 @@ Options:
   --project PROJECT    default: gcloud's configured project
   --git URL            clone this repository on the workers instead of copying the working tree
   --rev REV            with --git: branch, tag or commit to check out (default: main)
-  --python PYTHON      interpreter for the venv, Python >= 3.11 (default: python3.11; installed with apt
-                       when missing; on Ubuntu 24.04 images pass python3.12)
+  --python PYTHON      interpreter for the venv, Python >= 3.11 (default: the newest python3.X, X >= 11, on
+                       each worker's PATH, e.g. python3.12 on Ubuntu 24.04 images, else python3.11 installed
+                       with apt; on python3.11 pip stops at jax 0.10.2 / libtpu 0.0.42). Each worker prints
+                       the Python it uses; a venv made with another Python is made again.
   --dry-run            print the commands instead of running them
   -h, --help           this help
 
@@ -31,7 +33,7 @@ Examples:
 USAGE
 }
 
-name="" zone="" git_url="" rev="main" python="python3.11"
+name="" zone="" git_url="" rev="main" python=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --name) need "$1" "$#" "${2:-}"; name="$2"; shift 2 ;;
@@ -68,10 +70,19 @@ else
   fetch+=" && { git -C $qdir checkout -q --force --detach $(quote "origin/$rev") 2>/dev/null"
   fetch+=" || git -C $qdir checkout -q --force --detach $(quote "$rev"); }"
 fi
-qpy="$(quote "$python")"
+if [[ -n "$python" ]]; then
+  pick="py=$(quote "$python")"
+else
+  # The newest python3.X (X >= 11) on the worker's PATH, else python3.11 (which apt installs below).
+  pick="py=\$(compgen -c python3. | grep -xE 'python3\\.(1[1-9]|[2-9][0-9])' | sort -u -t. -k2,2n | tail -n 1"
+  pick+=" || true); py=\${py:-python3.11}"
+fi
 venv="$(quote "$REMOTE_VENV")"
-install="{ $qpy -c 'import ensurepip' 2>/dev/null"
-install+=" || { sudo apt-get update -q && sudo apt-get install -y -q $qpy $qpy-venv; }; }"
-install+=" && { [ -x $venv/bin/python ] || $qpy -m venv $venv; } && cd $qdir"
+install="{ \"\$py\" -c 'import ensurepip' 2>/dev/null"
+install+=" || { sudo apt-get update -q && sudo apt-get install -y -q \"\$py\" \"\$py-venv\"; }; }"
+install+=" && version=\$(\"\$py\" -V 2>&1) && echo \"using \$py (\$version) for ~/$REMOTE_VENV\""
+# An existing venv is kept when it runs the same Python, and made again (--clear) when not.
+install+=" && { [ \"\$($venv/bin/python -V 2>&1)\" = \"\$version\" ] || \"\$py\" -m venv --clear $venv; }"
+install+=" && cd $qdir"
 install+=" && ../$venv/bin/python -m pip install -q -U pip && ../$venv/bin/python -m pip install -q -e '.[tpu]'"
-tpu_ssh "$name" "$zone" all "set -euo pipefail; $fetch && $install"
+tpu_ssh "$name" "$zone" all "set -euo pipefail; $pick; $fetch && $install"

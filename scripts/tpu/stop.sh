@@ -10,6 +10,8 @@ usage() {
 Usage: scripts/tpu/stop.sh --name NAME --zone ZONE [--run RUN] [--force]
 
 Sends SIGTERM (with --force: SIGKILL) to the training processes and their children on all workers.
+On SIGTERM training saves a checkpoint at the next step boundary, then exits; the pid files stay until the
+processes are gone, so a later --force still kills whatever ignored SIGTERM or is taking too long.
 
 Required:
   --name NAME          TPU VM name
@@ -43,8 +45,21 @@ done
 require --name "$name"
 require --zone "$zone"
 
-# A pid file names a process group leader (launch.sh starts training under setsid); the file is removed
-# once the group is signalled or found gone.
+# A pid file names a process group leader (launch.sh starts training under setsid). It stays while any
+# process of that group is alive (a zombie counts as gone), so `--force` after a plain stop still finds a
+# process that ignored SIGTERM or is still saving; a stop removes the files of groups that are gone. After
+# SIGKILL it waits up to 10 s for the group to go.
+alive="ps -e -o pgid=,stat= | grep -Eq \"^ *\$pid +[^Z]\""
 remote="for f in $REMOTE_LOGS/$run_name/worker-*.pid; do [ -e \"\$f\" ] || continue; pid=\$(cat \"\$f\")"
-remote+="; if kill -$signal -- -\"\$pid\" 2>/dev/null; then echo \"stopped \$pid (\$f)\"; fi; rm -f \"\$f\"; done"
+remote+="; case \"\$pid\" in \"\" | *[!0-9]*) rm -f \"\$f\"; echo \"removed \$f: no pid in it\"; continue ;; esac"
+remote+="; if ! $alive || ! kill -$signal -- -\"\$pid\" 2>/dev/null"
+remote+="; then rm -f \"\$f\"; echo \"\$pid had exited: removed \$f\"; continue; fi"
+if [[ "$signal" == TERM ]]; then
+  remote+="; echo \"sent SIGTERM to \$pid (\$f): it saves a checkpoint at the next step boundary and exits;"
+  remote+=" stop.sh --force kills it\"; done"
+else
+  remote+="; i=0; while $alive && [ \$i -lt 20 ]; do sleep 0.5; i=\$((i + 1)); done"
+  remote+="; if $alive; then echo \"sent SIGKILL to \$pid (\$f): still running\""
+  remote+="; else rm -f \"\$f\"; echo \"killed \$pid (\$f)\"; fi; done"
+fi
 tpu_ssh "$name" "$zone" all "$remote"
