@@ -16,6 +16,8 @@ random tokens (what a step computes does not depend on what they say). Measured,
   step that produced the state has finished.
 * async: the same N steps saving every K steps (the trainer's path), plus the wait for the last write.
 * overhead per save = (async - train) / saves; hidden = 1 - overhead / sync save.
+* checksums: the part of a sync save spent hashing its files (jaxsft/integrity.py, in the background thread),
+  and the time to verify a checkpoint before a restore.
 """
 
 import argparse
@@ -97,13 +99,17 @@ def main(argv=None) -> None:
     t_train = time.perf_counter() - t0
 
     manager = checkpoint.Manager(os.path.join(work, 'sync'))
-    sync = []
+    sync, checksums = [], []
     for k in range(3):
       t0 = time.perf_counter()
       manager.save(k + 1, state, {'bench': True})
       manager.wait()
       sync.append(time.perf_counter() - t0)
+      checksums.append(manager.last_save['checksum_seconds'])
     manager.close()
+    t0 = time.perf_counter()
+    assert checkpoint.verify(os.path.join(work, 'sync'), 3) is None
+    t_verify = time.perf_counter() - t0
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(work, 'sync', '3'))
                for f in fs)
 
@@ -128,6 +134,9 @@ def main(argv=None) -> None:
   print(f'train, async save every {args.save_every:<3d}{t_async:7.3f} s  ({saves} saves, last one waited for)')
   print(f'overhead per async save   {overhead:8.3f} s  = {overhead / sync_save:.0%} of a sync save; '
         f'hidden by training: {1 - overhead / sync_save:.0%}')
+  print(f'checksums, per save       {statistics.median(checksums):8.3f} s  = '
+        f'{statistics.median(checksums) / sync_save:.0%} of a sync save (in the background thread); '
+        f'verifying one before a restore: {t_verify:.3f} s')
 
 
 if __name__ == '__main__':

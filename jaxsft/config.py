@@ -37,10 +37,10 @@ def base_config() -> config_dict.ConfigDict:
   c.model_init = 'pretrained'  # 'pretrained': load the weights; 'random': train from scratch.
 
   # Data.
-  c.dataset_name = config_dict.placeholder(str)  # Hub id, local file/dir, or 'synthetic:...'.
+  c.dataset_name = config_dict.placeholder(str)  # Hub id, local file/dir, save_to_disk dir, or 'synthetic:...'.
   c.dataset_config = config_dict.placeholder(str)
   c.dataset_train_split = 'train'
-  c.dataset_test_split = 'test'
+  c.dataset_test_split = 'test'  # A split name, or the path of an eval file (.jsonl / .json / .parquet).
   # open-r1's mixture: {'datasets': [{'id', 'config', 'split', 'columns', 'weight'}, ...], 'seed',
   # 'test_split_size'} (weight = the fraction of the dataset kept), or the path of a YAML/JSON file with it.
   c.dataset_mixture = config_dict.placeholder(object)

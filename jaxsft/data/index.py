@@ -9,10 +9,15 @@ needs them; the index itself holds no tokens.
 The pass is split three ways, so it scales with the machine and the pod:
 * across processes (hosts): process p tokenizes rows p, p + P, p + 2P, ...; the parts are exchanged with one
   all-gather (`multihost_utils.process_allgather`);
-* across CPU cores: `dataset_num_proc` spawned worker processes, each with its own copy of the tokenizer;
+* across CPU cores: `dataset_num_proc` spawned worker processes, each with its own copy of the tokenizer
+  (they ignore SIGINT: on Ctrl-C the parent raises KeyboardInterrupt and terminates them at once);
 * across launches: the finished index is saved under `cache_dir`, keyed by the data's fingerprint, the
   tokenizer (vocabulary, chat template, special tokens) and the tokenization settings, so a relaunch or a
   resumed run reads it instead of tokenizing the dataset again.
+
+A pass longer than a couple of seconds logs its progress (rows, rows/s, time left: `jaxsft.data.progress`).
+Ctrl-C stops it within a chunk's time (`jaxsft.data.interrupt`: noted by a handler, raised between chunks as
+KeyboardInterrupt), workers included; only a whole index is ever cached (temp file + rename).
 
 A bad row (malformed JSON, a missing column, a template failure) is an error naming the row's origin
 (`data.jsonl line 17: ...`) unless `skip_bad_rows`, which flags it, leaves it out and counts it.
@@ -24,17 +29,22 @@ import hashlib
 import json
 import multiprocessing
 import os
+import pickle
+import signal
 import tempfile
 
 import numpy as np
 
 from jaxsft.data import formats
+from jaxsft.data import interrupt as interrupt_lib
+from jaxsft.data import progress as progress_lib
 from jaxsft.errors import InputError
 
 INDEX_VERSION = 1
 KEPT, TRUNCATED, BAD, NOT_DONE = 1, 2, 4, 8  # Flag bits.
 _CHUNK = 256  # Rows per worker task.
 _MIN_ROWS_FOR_WORKERS = 2048  # Below this, spawning workers costs more than it saves.
+_POLL_SECONDS = 0.2  # How often the parent looks up (for Ctrl-C, progress) while its workers work.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +114,11 @@ def _row_facts(source, index: int, tokenizer, options: Options,
   return len(example.input_ids), int(example.loss_mask[1:].sum()), flags, None
 
 
-def _facts(source, indices: np.ndarray, tokenizer, options: Options, stop_at_bad: bool):
+def _facts(source, indices: np.ndarray, tokenizer, options: Options, stop_at_bad: bool, *, progress=None):
   """(lengths, targets, flags) of `indices`; with stop_at_bad, rows after the first bad one are NOT_DONE.
 
   The rows are tokenized `_CHUNK` at a time by `formats.tokenize_rows` (one batched encode per chunk, on all
-  cores); each row's facts are then `_row_facts` of its result.
+  cores); each row's facts are then `_row_facts` of its result. `progress(rows)` is called after each chunk.
   """
   lengths = np.zeros(len(indices), np.int32)
   targets = np.zeros(len(indices), np.int32)
@@ -140,14 +150,23 @@ def _facts(source, indices: np.ndarray, tokenizer, options: Options, stop_at_bad
       lengths[k], targets[k], flags[k], _ = _row_facts(source, chunk[j], tokenizer, options, result)
       if stop_at_bad and flags[k] & BAD:
         return lengths, targets, flags
+    if progress is not None:
+      progress(len(chunk))
   return lengths, targets, flags
 
 
 _WORKER = {}
 
 
-def _init_worker(source, tokenizer, options):
-  _WORKER.update(source=source, tokenizer=tokenizer, options=options)
+def _init_worker(state: bytes):
+  """Ctrl-C reaches the whole process group: the parent alone handles it (it terminates the workers).
+
+  The source, tokenizer and options come pickled as bytes, unpickled only here: spawning a worker then costs the
+  parent one quick pipe write (not a wait while the worker imports transformers to unpickle a tokenizer), so the
+  workers start in parallel, and none can be interrupted before it ignores SIGINT.
+  """
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  _WORKER.update(zip(('source', 'tokenizer', 'options'), pickle.loads(state)))
 
 
 def _worker_facts(indices, stop_at_bad):
@@ -155,24 +174,40 @@ def _worker_facts(indices, stop_at_bad):
 
 
 def _local_facts(source, indices: np.ndarray, tokenizer, options: Options, *, num_workers: int,
-                 stop_at_bad: bool):
-  """The facts of this process's rows, computed by `num_workers` spawned processes when worth it."""
+                 stop_at_bad: bool, progress=None):
+  """The facts of this process's rows, computed by `num_workers` spawned processes when worth it.
+
+  `progress(rows)` is called as chunks complete, and with 0 rows every `_POLL_SECONDS` while the workers start
+  or work; it may raise (KeyboardInterrupt) to stop the pass. The workers are terminated, not waited for, when
+  the pass ends early (a bad row with `stop_at_bad`, Ctrl-C, any exception): no worker is left behind.
+  """
   if num_workers <= 1 or len(indices) < _MIN_ROWS_FOR_WORKERS:
-    return _facts(source, indices, tokenizer, options, stop_at_bad)
+    return _facts(source, indices, tokenizer, options, stop_at_bad, progress=progress)
   chunks = [indices[i:i + _CHUNK] for i in range(0, len(indices), _CHUNK)]
   results = [None] * len(chunks)
   # 'spawn', not fork: the parent runs JAX threads, which do not survive a fork.
   context = multiprocessing.get_context('spawn')
-  with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker,
-                                              initargs=(source, tokenizer, options)) as pool:
-    futures = {pool.submit(_worker_facts, chunk, stop_at_bad): k for k, chunk in enumerate(chunks)}
-    for future in concurrent.futures.as_completed(futures):
+  state = pickle.dumps((source, tokenizer, options))
+  pool = concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker,
+                                                initargs=(state,))
+  finished = False
+  try:
+    with interrupt_lib.blocked_while_spawning():  # The first submits spawn the workers.
+      futures = {pool.submit(_worker_facts, chunk, stop_at_bad): k for k, chunk in enumerate(chunks)}
+    for future in _as_completed(futures, progress):
       k = futures[future]
       results[k] = future.result()
+      if progress is not None:
+        progress(len(chunks[k]))
       if stop_at_bad and np.any(results[k][2] & BAD):
-        for other in futures:
-          other.cancel()
         break
+    else:
+      finished = True
+  finally:
+    if finished:
+      pool.shutdown(wait=True)  # Idle workers: they exit at once.
+    else:
+      _terminate(pool)
   lengths = np.zeros(len(indices), np.int32)
   targets = np.zeros(len(indices), np.int32)
   flags = np.full(len(indices), NOT_DONE, np.uint8)
@@ -182,6 +217,32 @@ def _local_facts(source, indices: np.ndarray, tokenizer, options: Options, *, nu
       lengths[start:start + len(result[0])], targets[start:start + len(result[0])] = result[0], result[1]
       flags[start:start + len(result[0])] = result[2]
   return lengths, targets, flags
+
+
+def _as_completed(futures, progress):
+  """The futures as they complete, with `progress(0)` between polls (a way out while none completes)."""
+  pending = set(futures)
+  while pending:
+    done, pending = concurrent.futures.wait(pending, timeout=_POLL_SECONDS,
+                                            return_when=concurrent.futures.FIRST_COMPLETED)
+    if progress is not None and not done:
+      progress(0)
+    yield from done
+
+
+def _terminate(pool: concurrent.futures.ProcessPoolExecutor, timeout: float = 5.0) -> None:
+  """Stops `pool` now: queued tasks cancelled, worker processes terminated mid-task (SIGTERM) and reaped."""
+  terminate_workers = getattr(pool, 'terminate_workers', None)  # Python >= 3.14.
+  if terminate_workers is not None:
+    terminate_workers()
+    return
+  processes = list((getattr(pool, '_processes', None) or {}).values())  # pylint: disable=protected-access
+  pool.shutdown(wait=False, cancel_futures=True)
+  for process in processes:
+    if process.is_alive():
+      process.terminate()
+  for process in processes:
+    process.join(timeout)
 
 
 def _allgather_strided(local: np.ndarray, n: int, process_index: int, process_count: int) -> np.ndarray:
@@ -244,11 +305,24 @@ def _save_cached(path: str, index: Index) -> None:
   try:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, suffix='.tmp.npz')
+  except OSError:
+    return  # A cache that cannot be written only costs the next launch a pass.
+  try:
     with os.fdopen(fd, 'wb') as f:
       np.savez(f, lengths=index.lengths, num_targets=index.num_targets, flags=index.flags)
     os.replace(tmp, path)
   except OSError:
-    pass  # A cache that cannot be written only costs the next launch a pass.
+    _remove(tmp)
+  except BaseException:  # Interrupted (Ctrl-C): no partial file left behind (none is ever read: it is not `path`).
+    _remove(tmp)
+    raise
+
+
+def _remove(path: str) -> None:
+  try:
+    os.unlink(path)
+  except OSError:
+    pass
 
 
 def build_index(source, tokenizer, options: Options, *, skip_bad_rows: bool, num_workers: int = 1,
@@ -272,7 +346,19 @@ def build_index(source, tokenizer, options: Options, *, skip_bad_rows: bool, num
       log(f'data: index of {source.name} read from the cache {path}')
   else:
     local = np.arange(process_index, n, process_count)
-    parts = _local_facts(source, local, tokenizer, options, num_workers=num_workers, stop_at_bad=not skip_bad_rows)
+    what = f'data: tokenizing {source.name}' + (f' (process {process_index} of {process_count}: its share of '
+                                                 f'{n:,} rows)' if process_count > 1 else '')
+    progress = progress_lib.Progress(what, len(local), log)
+    with interrupt_lib.Interruptible() as interrupt:  # Ctrl-C acts between chunks (see jaxsft/data/interrupt.py).
+
+      def tick(rows: int) -> None:
+        interrupt.check()
+        progress.add(rows)
+
+      parts = _local_facts(source, local, tokenizer, options, num_workers=num_workers,
+                           stop_at_bad=not skip_bad_rows, progress=tick)
+    if not np.any(parts[2] & NOT_DONE):  # Not stopped at a bad row.
+      progress.close()
     index = Index(*(_allgather_strided(part, n, process_index, process_count) for part in parts))
     if path and not np.any(index.flags & NOT_DONE):
       _save_cached(path, index)

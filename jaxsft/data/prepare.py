@@ -37,6 +37,7 @@ class Data:
 
 def _options(config: config_dict.ConfigDict, source, tokenizer) -> tuple[index_lib.Options, str | None]:
   fmt = formats.detect_format(source.column_names(), config.dataset_text_field)
+  _check_chat_template(config, source, tokenizer, fmt)
   method = None
   if config.assistant_only_loss:
     if fmt == formats.TEXT:
@@ -48,6 +49,31 @@ def _options(config: config_dict.ConfigDict, source, tokenizer) -> tuple[index_l
                               completion_only_loss=config.completion_only_loss,
                               dataset_text_field=config.dataset_text_field)
   return options, method
+
+
+def _check_chat_template(config: config_dict.ConfigDict, source, tokenizer, fmt: str) -> None:
+  """Conversational rows need a chat template: without one, fail once, naming the tokenizer, before the data pass."""
+  if fmt == formats.TEXT:
+    return
+  if fmt == formats.PROMPT_COMPLETION:  # Plain-string prompts and completions need no template.
+    try:
+      first = source[0]
+    except (InputError, IndexError):
+      return  # The data pass names the bad row.
+    if not isinstance(first, dict) or isinstance(first.get('prompt'), str):
+      return
+  try:
+    tokenizer.get_chat_template()
+    return
+  except ValueError:  # transformers: no chat template set.
+    pass
+  except AttributeError:  # Not a transformers tokenizer: its own calls will tell.
+    return
+  field = 'tokenizer_name_or_path' if config.tokenizer_name_or_path else 'model_name_or_path'
+  name = getattr(tokenizer, 'name_or_path', None) or config[field]
+  raise InputError(f'the tokenizer {name!r} (config field {field!r}) has no chat template, but the rows of '
+                   f'{source.name} are conversations (message lists): set config field \'chat_template\' to a '
+                   'Jinja template or the path of a file holding one, or use a tokenizer that has one')
 
 
 def _index(config, source, tokenizer, options, process_index, process_count, log) -> index_lib.Index:

@@ -7,9 +7,12 @@ eval split:
 * a local `.jsonl` / `.json` / `.parquet` file: the train split (it has no eval split).
 * a local directory: the files of each split, named `train.jsonl`, `test.parquet`, ...; or HF-style data
   files (`train-00000-of-00002.parquet`, `data/test.jsonl`, a `train/` folder); files named for no split
-  at all are the train split together, as `datasets` treats them.
+  at all are the train split together, as `datasets` treats them; or a `save_to_disk` directory of a
+  `Dataset` (the train split) or a `DatasetDict` (its splits by name), memory-mapped (`jaxsft.data.paths`).
 * anything else: a hub id, `datasets.load_dataset(dataset_name, dataset_config, split=...)` (memory-mapped).
 * `dataset_mixture`: open-r1's mixture (`jaxsft.data.mixture`).
+
+`dataset_test_split` may also be the path of an eval file (`/data/test.jsonl`), whatever `dataset_name` is.
 
 Nothing is read up front but what is needed to find the rows: a JSON Lines file is indexed (byte offset and
 line number of every non-blank line) in one pass without parsing, parquet files by their metadata. A row is
@@ -29,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from jaxsft.data import paths as paths_lib
 from jaxsft.errors import InputError
 
-EXTENSIONS = ('.jsonl', '.json', '.parquet')
+EXTENSIONS = paths_lib.EXTENSIONS
 _COLUMN_SCAN = 1000  # Rows tried for `column_names` when the first rows do not parse.
 _CHUNK = 1 << 26  # Bytes per slice of the JSON Lines indexing pass.
 _ASCII_SPACE = b' \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f'  # What str.strip() removes among ASCII characters.
@@ -357,10 +361,12 @@ def _open_parquet(path: str):
 
 
 class HubSplit(Source):
-  """A `datasets.Dataset` (memory-mapped Arrow, random access) of a hub dataset's split."""
+  """A `datasets.Dataset` (memory-mapped Arrow, random access) of a hub dataset's split, or of a `save_to_disk`
+  directory (`stamp`: its Arrow files' path, size and modification time, part of the fingerprint)."""
 
-  def __init__(self, dataset, dataset_name: str, config: str | None, split: str):
+  def __init__(self, dataset, dataset_name: str, config: str | None, split: str, stamp: list | None = None):
     self.dataset, self.dataset_name, self.config, self.split = dataset, dataset_name, config, split
+    self.stamp = stamp
     self.name = f'{dataset_name} split {split!r}'
 
   def __len__(self) -> int:
@@ -377,6 +383,8 @@ class HubSplit(Source):
 
   def fingerprint(self) -> str:
     fingerprint = self.dataset._fingerprint  # pylint: disable=protected-access  (datasets' content id)
+    if self.stamp is not None:
+      return _digest('saved', self.split, fingerprint, self.stamp)
     return _digest('hub', self.dataset_name, self.config, self.split, fingerprint)
 
 
@@ -491,7 +499,8 @@ def select_columns(source: Source, columns: Sequence[str]) -> Source:
   if isinstance(source, ParquetFile):
     return ParquetFile(source.path, columns=columns)
   if isinstance(source, HubSplit):
-    return HubSplit(source.dataset.select_columns(list(columns)), source.dataset_name, source.config, source.split)
+    return HubSplit(source.dataset.select_columns(list(columns)), source.dataset_name, source.config, source.split,
+                    source.stamp)
   if isinstance(source, Concat):
     return Concat([select_columns(p, columns) for p in source.parts], source.name)
   return Columns(source, columns)
@@ -523,16 +532,27 @@ class Splits:
   eval_name: str | None
 
 
+_EVAL_FILE_HINT = ("; the eval split can also be a file: set dataset_test_split to its path (e.g. /data/test.jsonl), "
+                   "or disable evaluation (eval_strategy='no')")
+
+
 def load_splits(*, dataset_name: str | None, dataset_config: str | None, dataset_train_split: str,
                 dataset_test_split: str | None, dataset_mixture: Any = None, need_eval: bool) -> Splits:
   """The train split (and the eval split if `need_eval`) of `dataset_name` or of `dataset_mixture`.
 
+  `dataset_test_split` is a split name or the path of an eval file (.jsonl / .json / .parquet, or a
+  `Dataset.save_to_disk` directory), which is then the eval split whatever the train data is.
   Rows are read lazily: a malformed row raises when read (`splits.train[i]`), naming its origin.
 
   Raises:
     InputError: naming the config field, file or split at fault: unset or conflicting fields, a missing file
       or split, an empty split, a hub dataset that cannot be loaded, an invalid mixture.
   """
+  if paths_lib.is_split_path(dataset_train_split):
+    raise InputError(f"config field 'dataset_train_split': expected a split name, got the path "
+                     f"{dataset_train_split!r} (to train on a file, set 'dataset_name' to it)")
+  test_is_path = paths_lib.is_split_path(dataset_test_split)
+  eval_path = paths_lib.split_file(dataset_test_split, 'dataset_test_split') if need_eval and test_is_path else None
   if dataset_mixture is not None and not (isinstance(dataset_mixture, str) and not dataset_mixture.strip()):
     if dataset_name:
       raise InputError("config fields 'dataset_name' and 'dataset_mixture' are both set; set one of them")
@@ -542,16 +562,20 @@ def load_splits(*, dataset_name: str | None, dataset_config: str | None, dataset
     if dataset_train_split not in (None, '', 'train'):
       raise InputError(f"config field 'dataset_train_split': a dataset_mixture's splits are 'train' and 'test', "
                        f'got {dataset_train_split!r}')
-    if dataset_test_split not in (None, '', 'test'):
-      raise InputError(f"config field 'dataset_test_split': a dataset_mixture's splits are 'train' and 'test', "
-                       f'got {dataset_test_split!r}')
+    if dataset_test_split not in (None, '', 'test') and not test_is_path:
+      raise InputError(f"config field 'dataset_test_split': a dataset_mixture's splits are 'train' and 'test' "
+                       f'(or give an eval file\'s path), got {dataset_test_split!r}')
     from jaxsft.data import mixture as mixture_lib  # pylint: disable=import-outside-toplevel  (it imports this module)
     mixture = mixture_lib.load_mixture(dataset_mixture)
-    if need_eval and 'test' not in mixture:
+    if eval_path and 'test' in mixture:
+      raise InputError(f"config fields 'dataset_test_split' (the file {dataset_test_split!r}) and "
+                       "'dataset_mixture.test_split_size' both make an eval split; set one of them")
+    if need_eval and not eval_path and 'test' not in mixture:
       raise InputError("config field 'dataset_mixture.test_split_size' is not set, but an eval split is needed "
-                       '(set it, or disable evaluation)')
-    return Splits(train=mixture['train'], eval=mixture['test'] if need_eval else None, train_name=mixture['train'].name,
-                  eval_name=mixture['test'].name if need_eval else None)
+                       "(set it, set dataset_test_split to an eval file's path, or disable evaluation)")
+    evaluation = (_path_split(eval_path) if eval_path else mixture['test']) if need_eval else None
+    return Splits(train=mixture['train'], eval=evaluation, train_name=mixture['train'].name,
+                  eval_name=evaluation.name if evaluation is not None else None)
   if not dataset_name:
     raise InputError("config field 'dataset_name' is not set")
   if need_eval and not dataset_test_split:
@@ -560,32 +584,27 @@ def load_splits(*, dataset_name: str | None, dataset_config: str | None, dataset
     splits = _synthetic(dataset_name)
     if not need_eval:
       splits.eval, splits.eval_name = None, None
+    elif eval_path:
+      splits.eval = _path_split(eval_path)
+      splits.eval_name = splits.eval.name
     elif splits.eval is None:
       raise InputError(f"config field 'dataset_name': {dataset_name!r} has no eval split")
     return splits
-  if os.path.isfile(dataset_name):
-    if need_eval:
-      raise InputError(f"config field 'dataset_test_split': {dataset_test_split!r} is not available: the dataset "
-                       f'{dataset_name!r} is a single file (the train split); use a directory with a '
-                       f'{dataset_test_split}.jsonl file, or disable evaluation')
-    return Splits(train=_from_file(dataset_name, 'dataset_name'), eval=None, train_name=dataset_name, eval_name=None)
-  if os.path.isdir(dataset_name):
-    files = _data_files(dataset_name, 'dataset_name')
-    splits = Splits(train=_directory_split(dataset_name, files, dataset_train_split, 'dataset_train_split', True),
-                    eval=None, train_name=f'{dataset_name} split {dataset_train_split!r}', eval_name=None)
-    if need_eval:
-      splits.eval = _directory_split(dataset_name, files, dataset_test_split, 'dataset_test_split', False)
-      splits.eval_name = f'{dataset_name} split {dataset_test_split!r}'
-    return splits
-  if _looks_like_path(dataset_name):
-    raise InputError(f"config field 'dataset_name': no such file or directory: {dataset_name!r}")
-  train = _load_hub_split(dataset_name, dataset_config, dataset_train_split, 'dataset_name', 'dataset_train_split')
-  splits = Splits(train=train, eval=None, train_name=train.name, eval_name=None)
-  if need_eval:
-    splits.eval = _load_hub_split(dataset_name, dataset_config, dataset_test_split, 'dataset_name',
-                                  'dataset_test_split')
+  train = _open_named(dataset_name, dataset_config, dataset_train_split, name_field='dataset_name',
+                      split_field='dataset_train_split', all_if_unnamed=True)
+  splits = Splits(train=train, eval=None, train_name=_split_name(dataset_name, dataset_train_split), eval_name=None)
+  if eval_path:
+    splits.eval = _path_split(eval_path)
     splits.eval_name = splits.eval.name
+  elif need_eval:
+    splits.eval = _open_named(dataset_name, dataset_config, dataset_test_split, name_field='dataset_name',
+                              split_field='dataset_test_split', all_if_unnamed=False, hint=_EVAL_FILE_HINT)
+    splits.eval_name = _split_name(dataset_name, dataset_test_split)
   return splits
+
+
+def _split_name(dataset_name: str, split: str) -> str:
+  return dataset_name if os.path.isfile(dataset_name) else f'{dataset_name} split {split!r}'
 
 
 def _synthetic(name: str) -> Splits:
@@ -601,66 +620,40 @@ def open_split(name: str, config: str | None, split: str, *, name_field: str, sp
     if source is None:
       raise InputError(f"config field '{split_field}': {name!r} has no split {split!r}")
     return source
+  return _open_named(name, config, split, name_field=name_field, split_field=split_field,
+                     all_if_unnamed=split == 'train')
+
+
+def _open_named(name: str, config: str | None, split: str, *, name_field: str, split_field: str,
+                all_if_unnamed: bool, hint: str = '') -> Source:
+  """Split `split` of a local file (its only split is 'train'), a local directory or a hub dataset."""
   if os.path.isfile(name):
     if split != 'train':
       raise InputError(f"config field '{split_field}': {split!r} is not available: {name!r} is a single file "
-                       "(its only split is 'train')")
-    return _from_file(name, name_field)
+                       f"(its only split is 'train'){hint}")
+    if not name.lower().endswith(paths_lib.EXTENSIONS):
+      raise InputError(f"config field '{name_field}': {name!r} is not a .jsonl, .json or .parquet file")
+    return open_files([name], field=name_field)
   if os.path.isdir(name):
-    return _directory_split(name, _data_files(name, name_field), split, split_field, split == 'train', name_field)
-  if _looks_like_path(name):
+    if paths_lib.saved_kind(name):
+      dataset = paths_lib.load_saved(name, split, name_field=name_field, split_field=split_field, hint=hint)
+      return HubSplit(dataset, name, None, split, stamp=paths_lib.saved_stamp(dataset))
+    files = paths_lib.data_files(name, name_field)
+    return open_files(paths_lib.split_paths(name, files, split, split_field, all_if_unnamed),
+                      name=f'{name} split {split!r}', field=name_field)
+  if paths_lib.looks_like_path(name):
     raise InputError(f"config field '{name_field}': no such file or directory: {name!r}")
   return _load_hub_split(name, config, split, name_field, split_field)
 
 
-def _looks_like_path(name: str) -> bool:
-  return (name.startswith(('/', './', '../', '~')) or name.lower().endswith(EXTENSIONS)
-          or name.count('/') > 1 or os.sep != '/' and os.sep in name)
-
-
-def _from_file(path: str, field: str) -> Source:
-  if not path.lower().endswith(EXTENSIONS):
+def _path_split(path: str, field: str = 'dataset_test_split') -> Source:
+  """The split that a split field gives as a path (checked by `paths.split_file`): a data file or saved Dataset."""
+  if os.path.isdir(path):
+    dataset = paths_lib.load_saved(path, 'train', name_field=field, split_field=field)
+    return HubSplit(dataset, path, None, 'train', stamp=paths_lib.saved_stamp(dataset))
+  if not path.lower().endswith(paths_lib.EXTENSIONS):
     raise InputError(f"config field '{field}': {path!r} is not a .jsonl, .json or .parquet file")
   return open_files([path], field=field)
-
-
-def _data_files(directory: str, field: str) -> list[str]:
-  files = sorted(os.path.relpath(os.path.join(root, name), directory)
-                 for root, _, names in os.walk(directory) for name in names
-                 if name.lower().endswith(EXTENSIONS) and not name.startswith('.'))
-  if not files:
-    raise InputError(f"config field '{field}': the directory {directory!r} holds no .jsonl, .json or "
-                     '.parquet files')
-  return files
-
-
-def _directory_split(directory: str, files: list[str], split: str, split_field: str, all_if_unnamed: bool,
-                     name_field: str = 'dataset_name') -> Source:
-  """The files of `split` (with `all_if_unnamed`: every file when no file is named for any split)."""
-  paths = [os.path.join(directory, f) for f in files if _file_split(f, split)]
-  if not paths and all_if_unnamed and not any(_file_split(f, s) for f in files for s in _KNOWN_SPLITS):
-    paths = [os.path.join(directory, f) for f in files]
-  if not paths:
-    raise InputError(f"config field '{split_field}': no file for split {split!r} in {directory!r} "
-                     f'(files: {files[:10]})')
-  return open_files(paths, name=f'{directory} split {split!r}', field=name_field)
-
-
-_KNOWN_SPLITS = ('train', 'training', 'test', 'testing', 'eval', 'evaluation', 'validation', 'valid', 'val',
-                 'dev')
-
-
-def _file_split(relpath: str, split: str) -> bool:
-  """Whether a data file belongs to `split`: `split.jsonl`, `split-0000-of-0002.parquet`, `split/x.json`."""
-  parts = relpath.replace(os.sep, '/').split('/')
-  if split in parts[:-1]:
-    return True
-  stem = parts[-1]
-  for ext in EXTENSIONS:
-    if stem.lower().endswith(ext):
-      stem = stem[:-len(ext)]
-      break
-  return stem == split or (stem.startswith(split) and stem[len(split)] in '-_.')
 
 
 def _load_hub_split(name: str, config: str | None, split: str, name_field: str, split_field: str) -> HubSplit:
