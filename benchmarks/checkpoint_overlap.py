@@ -50,25 +50,26 @@ def main(argv=None) -> None:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from absl import logging  # pylint: disable=import-outside-toplevel
-  from jaxsft import checkpoint, sharding, trainer  # pylint: disable=import-outside-toplevel
+  from jaxsft import checkpoint, sharding  # pylint: disable=import-outside-toplevel
+  from jaxsft import state as state_lib  # pylint: disable=import-outside-toplevel
   from jaxsft import step as step_lib  # pylint: disable=import-outside-toplevel
-  from jaxsft.models import hf  # pylint: disable=import-outside-toplevel
+  from jaxsft.models import hf_config  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
   import tiny  # pylint: disable=import-outside-toplevel
 
   logging.set_verbosity(logging.ERROR)
   config = tiny.get_config()
-  hf_cfg = dict(hf.read_hf_config(config.model_name_or_path))
+  hf_cfg = dict(hf_config.read_hf_config(config.model_name_or_path))
   for key, value in (('hidden_size', args.hidden_size), ('intermediate_size', args.intermediate_size),
                      ('num_hidden_layers', args.layers)):
     if value:
       hf_cfg[key] = value
   if args.layers:
     hf_cfg.pop('layer_types', None)  # Per-layer attention types: the shipped list is for the shipped depth.
-  model_cfg = trainer.model_config(config, hf_cfg)
+  model_cfg = state_lib.model_config(config, hf_cfg)
   mesh = sharding.make_mesh(config.mesh)
-  tx, _ = trainer.make_optimizer(config, total_steps=10 * args.steps)
-  state, shardings, graphdef, rest = trainer.init_state(config, config.model_name_or_path, model_cfg, tx, mesh)
+  tx, _ = state_lib.make_optimizer(config, total_steps=10 * args.steps)
+  state, shardings, graphdef = state_lib.init(config, config.model_name_or_path, model_cfg, tx, mesh)
   num_params = sum(x.size for x in jax.tree.leaves(state['params']))
   rng = np.random.default_rng(0)
   local = {'input_ids': rng.integers(0, model_cfg.vocab_size, (args.batch, args.length), dtype=np.int32),
@@ -79,7 +80,7 @@ def main(argv=None) -> None:
   with jax.set_mesh(mesh):
     batch = sharding.global_batch(mesh, local)
     inv = jnp.float32(1.0 / (args.batch * (args.length - 1)))
-    step_fn = step_lib.TrainStep(graphdef, rest, tx, config.model.loss_chunk_size, state_shardings=shardings)
+    step_fn = step_lib.TrainStep(graphdef, tx, config.model.loss_chunk_size, state_shardings=shardings)
 
     def train(n, state, manager=None, every=0, at=0):
       blocking = []

@@ -21,7 +21,7 @@ words, sized to the target token count with the tokenizer's measured characters 
 The tokenizer is jaxsft's tiny one (jaxsft/assets/tiny, a byte-level BPE with a ChatML template that has
 `{% generation %}` markers, so `--assistant-only-loss` makes both sides compute the same transformers mask).
 The rows are written to a JSON Lines file in a temporary directory; jaxsft reads it lazily
-(`sources.load_splits`), TRL through `datasets.load_dataset('json')` (the Arrow conversion is timed apart and
+(`splits.load_splits`), TRL through `datasets.load_dataset('json')` (the Arrow conversion is timed apart and
 not counted: SFTTrainer receives a loaded dataset).
 
 What is timed:
@@ -57,7 +57,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 from jaxsft.data import formats  # pylint: disable=wrong-import-position
 from jaxsft.data import index as index_lib  # pylint: disable=wrong-import-position
 from jaxsft.data import pipeline  # pylint: disable=wrong-import-position
-from jaxsft.data import sources  # pylint: disable=wrong-import-position
+from jaxsft.data import splits as splits_lib  # pylint: disable=wrong-import-position
 
 TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'jaxsft', 'assets', 'tiny')
 
@@ -143,7 +143,7 @@ def write_conversations(path: str, n: int, tokenizer, max_tokens: int, seed: int
 def jaxsft_first_batch(path: str, tokenizer, args, cache_dir: str):
   """(seconds to the first step's batches, index, plan, step source): load, index, plan, first step."""
   start = time.perf_counter()
-  source = sources.load_splits(dataset_name=path, dataset_config=None, dataset_train_split='train',
+  source = splits_lib.load_splits(dataset_name=path, dataset_config=None, dataset_train_split='train',
                                dataset_test_split=None, need_eval=False).train
   options = index_lib.Options(fmt=formats.detect_format(source.column_names()), max_length=args.max_length,
                               assistant_only_loss=args.assistant_only_loss, completion_only_loss=None,
@@ -167,7 +167,7 @@ def jaxsft_epoch(steps) -> float:
     element = next(loader)
     tokens += sum(int((batch['segment_ids'] > 0).sum()) for batch in element['micro_batches'])
   seconds = time.perf_counter() - start
-  expected = int(steps.plan.num_tokens.sum())
+  expected = int(steps.plan.num_input_tokens.sum())
   if tokens != expected:
     raise RuntimeError(f'the loader yielded {tokens} tokens in an epoch, the plan holds {expected}')
   return seconds
@@ -256,7 +256,7 @@ def main(argv=None) -> dict:
     warm, _, _, steps = jaxsft_first_batch(path, tokenizer, args, cache_dir)
     print(f'jaxsft: warm time to first batch {warm:.2f} s', flush=True)
     epoch = jaxsft_epoch(steps)
-    num_convs, num_tokens = len(index.kept), int(plan.num_tokens.sum())
+    num_convs, num_tokens = len(index.kept), int(plan.num_input_tokens.sum())
     print(f'jaxsft: one epoch through the loader, {steps.geometry.steps_per_epoch} steps, in {epoch:.2f} s',
           flush=True)
     results['jaxsft'] = dict(cold_s=cold, warm_s=warm, epoch_s=epoch, conversations=num_convs, tokens=num_tokens,

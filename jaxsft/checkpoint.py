@@ -3,12 +3,12 @@
 `state` holds the parameters and the optimizer state (Adam's moments and
 counters) as global arrays: every process writes the shards its devices hold (OCDBT), and restoring reads
 them into whatever shardings the restoring mesh asks for, so a checkpoint saved on fsdp=8 restores on
-fsdp=4 × tensor=2 or on one device. `meta` is one JSON object, written by process 0: the step, the data
-loader's state (`{'step': n}`, independent of the process and worker count), the cumulative token count and
-the unlogged loss sums of the current logging window (so a resumed run logs exactly what an uninterrupted
-one would), the run's randomness (the seed: data order and initialisation are functions of it; the step
-itself draws no random numbers), the data fingerprint, the Hugging Face model config, the chat template and
-eos token (so `python -m jaxsft.export` needs nothing but the checkpoint) and the resolved run config.
+fsdp=4 × tensor=2 or on one device. `meta` is one JSON object written by process 0, a `run_dir.RunMeta` (the
+run's config, model config, tokenizer facts and export dtype, so `python -m jaxsft.export` needs nothing but the
+checkpoint; the step, which is also the data loader's position whatever the process and worker count; the
+cumulative token count; the unlogged sums of the current logging window, so a resumed run logs exactly what an
+uninterrupted one would) plus the format number. The step itself draws no random numbers: data order and
+initialisation derive from the config's seed.
 
 Saving is asynchronous: `save` returns once the arrays are copied to host memory and the files are written
 in the background while training continues. Orbax writes each checkpoint to `STEP.orbax-checkpoint-tmp`
@@ -36,8 +36,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxsft import distributed
+from jaxsft import fields
 from jaxsft import integrity
 from jaxsft.errors import InputError
+from jaxsft.errors import one_line
 
 CHECKPOINTS = 'checkpoints'
 FORMAT = 1
@@ -227,14 +229,14 @@ class Manager:
   def save(self, step: int, state: dict, meta: dict) -> None:
     """Starts writing checkpoint `step` (after the previous one completes); raises CheckpointError if that failed."""
     self._finish_pending()
-    meta = dict(meta, format=FORMAT, step=step, saved_at=time.time())
+    meta = dict(meta, format=FORMAT, step=step)
     t0 = time.perf_counter()
     self._saving_step = step  # Read by the background thread (_write_checksums).
     try:
       self._manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                       meta=ocp.args.JsonSave(meta)), force=True)
     except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds; all mean "not saved")
-      raise CheckpointError(f'saving checkpoint {step} to {self.root!r} failed: {_one_line(e)}') from e
+      raise CheckpointError(f'saving checkpoint {step} to {self.root!r} failed: {one_line(e, 485, typed=True, keep_end=True)}') from e
     self._pending = (step, t0)
     self.last_save = dict(self.last_save, step=step, blocking_seconds=time.perf_counter() - t0)
     self.last_save.pop('total_seconds', None)
@@ -252,7 +254,8 @@ class Manager:
       self._manager.wait_until_finished()
       self._manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f'writing checkpoint {step} to {self.root!r} failed: {_one_line(e)}') from e
+      raise CheckpointError(f'writing checkpoint {step} to {self.root!r} failed: '
+                            f'{one_line(e, 485, typed=True, keep_end=True)}') from e
     if step not in self._manager.all_steps():  # Some failures surface only as a missing step.
       raise CheckpointError(f'writing checkpoint {step} to {self.root!r} failed: it is not in the directory')
     self.last_save['total_seconds'] = time.perf_counter() - t0
@@ -291,30 +294,10 @@ def _tree(metadata):
   return metadata.tree if hasattr(metadata, 'tree') else metadata
 
 
-def _one_line(e: BaseException) -> str:
-  text = ' '.join(str(e).split())
-  if len(text) > 500:  # Long tensorstore messages put the cause (e.g. "No space left on device") at the end.
-    text = text[:240] + ' ... ' + text[-240:]
-  return f'{type(e).__name__}: {text}' if text else type(e).__name__
-
-
-# Config fields that do not change what is computed: a resumed run may change them freely. Every other field
-# (model, data, optimizer, schedule, batch, precision, seed) must equal the checkpoint's unless named in
-# `resume_allow_changes`.
-HARMLESS_FIELDS = frozenset({
-    'output_dir', 'resume_from_checkpoint', 'resume_allow_changes', 'logging_steps', 'disable_tqdm',
-    'report_to', 'run_name', 'logging_dir', 'wandb_project', 'wandb_entity', 'wandb_run_group', 'save_steps',
-    'save_total_limit', 'eval_strategy', 'eval_steps', 'per_device_eval_batch_size',
-    'dataset_num_proc', 'dataloader_num_workers', 'dataset_cache_dir', 'accuracy_eval_problems',
-    'accuracy_eval_max_new_tokens', 'export_dtype', 'mesh.data', 'mesh.fsdp', 'mesh.tensor', 'model.remat',
-    'gradient_checkpointing', 'model.loss_chunk_size', 'model.mlp_chunk_size', 'model.attention_impl', 'eval_generation_prompts',
-    'eval_generation_max_new_tokens', 'eval_generation_temperature', 'eval_generation_top_p', 'nonfinite_policy',
-    # The batch per step is checked as a whole ('global_batch_size'): how it splits into devices and
-    # micro-batches does not change the step (the loss is normalised by the step's token count).
-    'per_device_train_batch_size', 'gradient_accumulation_steps',
-    # The same conversations per step, laid out in fewer rows: only the float summation order changes.
-    'padding_free',
-})
+# Config fields that do not change what is computed: a resumed run may change them freely (jaxsft/fields.py marks
+# them `harmless`). Every other field (model, data, optimizer, schedule, batch, precision, seed) must equal the
+# checkpoint's unless named in `resume_allow_changes`.
+HARMLESS_FIELDS = fields.HARMLESS_FIELDS
 
 
 def _flatten_config(config: dict, prefix: str = '') -> dict[str, Any]:

@@ -1,12 +1,14 @@
-"""The base config: every field, its default, and validation.
+"""The base config built from the field registry (jaxsft/fields.py), and its validation.
 
 Field names and meanings follow TRL's `SFTConfig` and open-r1 wherever they name the concept, flat at
 the top level, so an open-r1 recipe ports field by field. JAX-only settings are grouped under
 `config.mesh` and `config.model`. Defaults are TRL's (learning rate 2e-5, linear schedule, 3 epochs,
-per-device batch 8, max_length 1024, bf16, gradient checkpointing).
+per-device batch 8, max_length 1024, bf16, gradient checkpointing). Each field's default, doc, resume rule and
+origin are in `fields.FIELDS`.
 
-`validate(config)` checks everything that can be checked without touching data or devices and raises
-`InputError` naming the field; the trainer calls it before any I/O or compilation.
+`validate(config)` is the one place that checks a config: everything that can be checked without touching data
+or devices, raising `InputError` naming the field; the trainer calls it before any I/O or compilation.
+Nothing here imports jax: the command line loads and checks configs without it.
 """
 
 import math
@@ -14,137 +16,25 @@ import os
 
 from ml_collections import config_dict
 
+from jaxsft import fields
 from jaxsft.errors import InputError
-from jaxsft.models.attention import IMPLS as ATTENTION_IMPLS
-from jaxsft.models.transformer import REMAT_POLICIES
-from jaxsft.optim import SCHEDULES
-
-MODEL_INITS = ('pretrained', 'random')
-EXPORT_DTYPES = ('bfloat16', 'float32')
-EVAL_STRATEGIES = ('no', 'steps', 'epoch')
-REPORT_TO = ('tensorboard', 'wandb')
-NONFINITE_POLICIES = ('stop', 'skip')  # jaxsft/guard.py.
+# The names a choice field takes (fields.py is their home; config.SCHEDULES and the rest stay importable from here).
+from jaxsft.fields import (ATTENTION_IMPLS, EVAL_STRATEGIES, EXPORT_DTYPES, MODEL_INITS, NONFINITE_POLICIES,
+                           REMAT_POLICIES, REPORT_TO, SCHEDULES)
 
 
 def base_config() -> config_dict.ConfigDict:
-  """Returns the full, unlocked default config (TRL SFTConfig defaults)."""
+  """Returns the full, unlocked default config (TRL SFTConfig defaults): every field of `fields.FIELDS`."""
   c = config_dict.ConfigDict()
-
-  # Model and tokenizer.
-  c.model_name_or_path = config_dict.placeholder(str)  # HF hub id or local directory (config.json).
-  c.model_revision = config_dict.placeholder(str)
-  c.tokenizer_name_or_path = config_dict.placeholder(str)  # Defaults to model_name_or_path.
-  c.model_init = 'pretrained'  # 'pretrained': load the weights; 'random': train from scratch.
-
-  # Data.
-  c.dataset_name = config_dict.placeholder(str)  # Hub id, local file/dir, save_to_disk dir, or 'synthetic:...'.
-  c.dataset_config = config_dict.placeholder(str)
-  c.dataset_train_split = 'train'
-  c.dataset_test_split = 'test'  # A split name, or the path of an eval file (.jsonl / .json / .parquet).
-  # open-r1's mixture: {'datasets': [{'id', 'config', 'split', 'columns', 'weight'}, ...], 'seed',
-  # 'test_split_size'} (weight = the fraction of the dataset kept), or the path of a YAML/JSON file with it.
-  c.dataset_mixture = config_dict.placeholder(object)
-  c.dataset_text_field = 'text'
-  c.max_length = 1024
-  c.packing = False  # Best-fit-decreasing packing of whole conversations into max_length rows (TRL's bfd).
-  # Unpacked steps (the same conversations per step as packing=False) laid out best-fit-decreasing into the
-  # fewest max_length rows: the unpacked loss, with far fewer padding tokens computed (TRL's padding_free).
-  c.padding_free = False
-  c.skip_bad_rows = False  # False: a malformed row is an error naming it; True: skipped and counted.
-  c.dataset_num_proc = config_dict.placeholder(int)  # Processes for the length pass; None: all CPU cores.
-  c.dataloader_num_workers = 0  # grain worker processes that tokenize batches (0: threads in-process).
-  c.dataset_cache_dir = config_dict.placeholder(str)  # None: $JAXSFT_CACHE_DIR or ~/.cache/jaxsft.
-  c.assistant_only_loss = False
-  c.completion_only_loss = config_dict.placeholder(bool)  # None: on for prompt/completion data.
-  c.chat_template = config_dict.placeholder(str)  # A Jinja string or a path to a template file.
-  c.eos_token = config_dict.placeholder(str)  # Overrides the tokenizer's eos (open-r1: '<|im_end|>').
-
-  # Optimisation.
-  c.output_dir = config_dict.placeholder(str)
-  c.seed = 42
-  c.learning_rate = 2e-5
-  c.lr_scheduler_type = 'linear'
-  c.min_lr_rate = config_dict.placeholder(float)  # For cosine_with_min_lr.
-  c.warmup_ratio = 0.0
-  c.warmup_steps = 0  # Takes precedence over warmup_ratio when > 0.
-  c.num_train_epochs = 3.0
-  c.max_steps = -1  # > 0 overrides num_train_epochs.
-  c.per_device_train_batch_size = 8
-  c.per_device_eval_batch_size = 8
-  c.gradient_accumulation_steps = 1
-  # Rows per optimizer step, kept whatever the device count: when set, gradient_accumulation_steps is derived
-  # as global_batch_size / (per_device_train_batch_size × devices) (open-r1's recipes: 2 × 8 × 8 = 128).
-  c.global_batch_size = config_dict.placeholder(int)
-  c.max_grad_norm = 1.0
-  c.weight_decay = 0.0
-  c.adam_beta1 = 0.9
-  c.adam_beta2 = 0.999
-  c.adam_epsilon = 1e-8
-  c.bf16 = True  # bfloat16 compute with float32 master weights; False = float32 throughout.
-  c.gradient_checkpointing = True  # Rematerialise each layer (config.model.remat overrides).
-
-  # Evaluation (on dataset_test_split, or the mixture's test split).
-  c.eval_strategy = 'no'  # 'no' | 'steps' (every eval_steps) | 'epoch'.
-  c.eval_steps = config_dict.placeholder(float)  # None: logging_steps; < 1: a fraction of the total steps.
-
-  # At each evaluation, answer this many prompts of the eval split (their conversation up to the last
-  # assistant turn) with the KV-cache sampler; logged to metrics.jsonl and TensorBoard/W&B text. 0 = off.
-  c.eval_generation_prompts = 4
-  c.eval_generation_max_new_tokens = 256
-  c.eval_generation_temperature = 0.0  # 0: greedy.
-  c.eval_generation_top_p = 1.0
-
-  # Logging: metrics.jsonl always; report_to adds 'tensorboard' and/or 'wandb' (comma-separated, 'all' or
-  # 'none'; W&B honours WANDB_MODE=offline). Process 0 only.
-  c.logging_steps = 10
-  c.disable_tqdm = False
-  c.report_to = 'none'
-  c.run_name = config_dict.placeholder(str)  # W&B run name; None: the output_dir's base name.
-  c.logging_dir = config_dict.placeholder(str)  # TensorBoard event directory; None: OUTPUT_DIR/tensorboard.
-  c.wandb_project = config_dict.placeholder(str)  # open-r1's names; None: $WANDB_PROJECT or 'jaxsft'.
-  c.wandb_entity = config_dict.placeholder(str)
-  c.wandb_run_group = config_dict.placeholder(str)
-
-  # Checkpoints (OUTPUT_DIR/checkpoints/STEP, Orbax, asynchronous) and the Hugging Face export (OUTPUT_DIR/hf).
-  # Also saved at the end of each epoch, at the end of training and on SIGTERM/SIGINT. A value below 1 is a
-  # fraction of the total steps (transformers' meaning); 0: only at epoch ends.
-  c.save_steps = 500.0
-  c.save_total_limit = config_dict.placeholder(int)  # Keep the newest N checkpoints; None: keep all.
-  # A run whose output_dir holds checkpoints resumes from the newest complete one; this names another
-  # (OUTPUT_DIR or OUTPUT_DIR/checkpoints/STEP) to start from.
-  c.resume_from_checkpoint = config_dict.placeholder(str)
-  # Comma-separated config fields allowed to differ from the checkpoint's although they change the
-  # training (learning_rate, max_steps, ...; 'all' for any). Logging, eval, mesh and remat may always change.
-  c.resume_allow_changes = config_dict.placeholder(str)
-  c.export_dtype = config_dict.placeholder(str)  # 'bfloat16' | 'float32'; None: bfloat16 if bf16 else float32.
-  # A NaN/inf loss or gradient norm: 'stop' the run there (exit 1, earlier checkpoints kept, nothing exported), or
-  # 'skip' the step (parameters and optimizer state unchanged; counted as skipped_steps). jaxsft/guard.py.
-  c.nonfinite_policy = 'stop'
-
-  # After training, greedy-decode this many held-out problems of a 'synthetic:' dataset and print the
-  # exact-match accuracy (the tiny default's proof that SFT worked). 0 = off.
-  c.accuracy_eval_problems = 0
-  c.accuracy_eval_max_new_tokens = 96
-
-  # JAX-only: device mesh (-1 = all remaining devices).
-  c.mesh = config_dict.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-
-  # JAX-only: model implementation overrides.
-  c.model = config_dict.ConfigDict()
-  c.model.attention_impl = 'auto'  # auto: cuDNN flash on NVIDIA GPUs, Pallas splash on TPU, else xla.
-  # None: 'full' if gradient_checkpointing else 'none'. Also MaxText's names: minimal, save_dot_except_mlp,
-  # save_qkv_proj, save_out_proj, ... (models/transformer.py REMAT_POLICIES).
-  c.model.remat = config_dict.placeholder(str)
-  # Stack the layers and apply them with a scan: compile time and program size flat in depth, and with remat
-  # XLA keeps one layer's activations at a time (unscanned, XLA:CPU hoists the recomputation and saves little).
-  c.model.scan_layers = True
-  c.model.loss_chunk_size = 1024  # Tokens per cross-entropy chunk (bounds the float32 logits).
-  # Sequence positions per MLP tile: longer rows run the MLP tile by tile, so its [B, T, F] intermediates exist
-  # one tile at a time (models/mlp.py; the long-context recipes use 8192). 0 = untiled.
-  c.model.mlp_chunk_size = 0
+  for field in fields.FIELDS:
+    *groups, leaf = field.name.split('.')
+    node = c
+    for name in groups:
+      if name not in node:
+        node[name] = config_dict.ConfigDict()
+      node = node[name]
+    default = field.default
+    node[leaf] = config_dict.placeholder(default.type) if isinstance(default, fields.Placeholder) else default
   return c
 
 
@@ -229,7 +119,7 @@ def validate(config: config_dict.ConfigDict) -> None:
     raise InputError(f"config field 'model_name_or_path': no such directory {model_path!r}")
   if config.chat_template and _looks_like_path(config.chat_template) and not os.path.isfile(config.chat_template):
     raise InputError(f"config field 'chat_template': no such file {config.chat_template!r}")
-  for axis in ('data', 'fsdp', 'tensor'):
+  for axis in fields.MESH_AXES:
     if config.mesh[axis] == 0 or config.mesh[axis] < -1:
       raise InputError(f"config field 'mesh.{axis}' must be positive or -1, got {config.mesh[axis]}")
 

@@ -30,9 +30,11 @@ import time
 from absl import app
 from absl import flags
 
-from jaxsft import train
+from jaxsft import cli
 from jaxsft.errors import InputError
+from jaxsft.errors import one_line
 
+cli.define_config_flag()  # --config configs/NAME.py[:ARG] [--config.FIELD=VALUE ...]
 _TOPOLOGY = flags.DEFINE_string('topology', None, 'Compile for this TPU slice or NVIDIA machine, as cloud users '
                                 'name it: v5e-8, v5p-32, v6e-16, v4-8, h100-8, 2xh100-8, h200-8, ...')
 _DEVICES = flags.DEFINE_integer('devices', None, 'Without --topology: simulated CPU devices (default 8), an '
@@ -77,34 +79,27 @@ def lower_step(config, hf_cfg: dict, devices, *, target=None):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from jaxsft import checkpoint  # pylint: disable=import-outside-toplevel
   from jaxsft import config as config_lib  # pylint: disable=import-outside-toplevel
   from jaxsft import metrics  # pylint: disable=import-outside-toplevel
   from jaxsft import sharding  # pylint: disable=import-outside-toplevel
+  from jaxsft import state as state_lib  # pylint: disable=import-outside-toplevel
   from jaxsft import step as step_lib  # pylint: disable=import-outside-toplevel
-  from jaxsft import trainer  # pylint: disable=import-outside-toplevel
   from jaxsft.data import packing  # pylint: disable=import-outside-toplevel
   from jaxsft.models import attention  # pylint: disable=import-outside-toplevel
-  from jaxsft.models import hf  # pylint: disable=import-outside-toplevel
 
   num_chips = len(devices)
   per_device, accumulation = config_lib.batch_split(config, num_chips)
-  model_cfg = trainer.model_config(config, hf_cfg)
+  model_cfg = state_lib.model_config(config, hf_cfg)
   mesh = sharding.make_mesh(config.mesh, devices=list(devices))
-  tx, _ = trainer.make_optimizer(config, total_steps=1000)  # The step count only shapes the schedule.
-  graphdef, abstract_params, shardings = trainer.state_shardings(model_cfg, tx, mesh, warn=print)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-
-  state = checkpoint.abstract({'params': abstract_params, 'opt_state': abstract_opt}, shardings)
+  tx, _ = state_lib.make_optimizer(config, total_steps=1000)  # The step count only shapes the schedule.
+  graphdef, state, shardings = state_lib.abstract(model_cfg, tx, mesh, warn=print)
   rows = per_device * num_chips
   batch = {key: jax.ShapeDtypeStruct((rows, config.max_length), jnp.int32, sharding=sharding.batch_sharding(mesh))
            for key in packing.BATCH_KEYS}
   inv = jax.ShapeDtypeStruct((), jnp.float32)
-  _, _, rest = nnx.split(hf.abstract_model(model_cfg), nnx.Param, ...)
-  step = step_lib.TrainStep(graphdef, rest, tx, config.model.loss_chunk_size, state_shardings=shardings,
+  step = step_lib.TrainStep(graphdef, tx, config.model.loss_chunk_size, state_shardings=shardings,
                             attention_windows=metrics.layer_windows(model_cfg))
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state['params']))
   tokens = accumulation * rows * config.max_length
   report = {
       'target': target, 'num_chips': num_chips, 'platform': devices[0].platform, 'device_kind': devices[0].device_kind,
@@ -144,7 +139,7 @@ def compile_step(config, hf_cfg: dict, devices, *, target=None, keep: bool = Fal
       overflow = targets.hbm_overflow(e)
       if overflow is None:
         where = target.name if target is not None else f'{len(devices)} CPU devices'
-        raise InputError(f'compiling the step for {where} failed: {" ".join(str(e).split())[:400]}') from None
+        raise InputError(f'compiling the step for {where} failed: {one_line(e, 400)}') from None
       report.update(compile_seconds=report['lower_seconds'] + time.perf_counter() - t0, fits=False,
                     needed=overflow[0] * GIB, hbm=overflow[1] * GIB if overflow[1] == overflow[1] else report['hbm'])
       return report
@@ -247,13 +242,12 @@ def find_batch(config, hf_cfg: dict, devices, target, mfu: float) -> int:
 
 
 def main(argv):
-  if len(argv) > 1:
-    train.fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  config = train.load_config()
+  cli.no_arguments(argv)
+  config = cli.load_config()
   if _TOPOLOGY.value and _DEVICES.value:
-    train.fail('--topology and --devices exclude each other (--devices simulates CPU devices)')
+    cli.fail('--topology and --devices exclude each other (--devices simulates CPU devices)')
   if _FIND_BATCH.value and not _TOPOLOGY.value:
-    train.fail('--find_batch needs --topology: simulated CPU devices have no memory limit to find')
+    cli.fail('--find_batch needs --topology: simulated CPU devices have no memory limit to find')
   if not _TOPOLOGY.value:
     # XLA:CPU's default scheduler runs independent work concurrently and keeps its buffers alive together (8
     # independent 64 MiB temporaries: 512 MiB); the memory-minimising schedule is what TPU and GPU compilers
@@ -270,12 +264,12 @@ def main(argv):
     devices = target.devices if target is not None else jax.devices()
     if _FIND_BATCH.value:
       if not find_batch(config, hf_cfg, devices, target, _MFU.value):
-        train.fail(f'not even per_device_train_batch_size=1 fits on {target.name if target else "these devices"}'
-                   ' (try model.remat=full, a shorter max_length, or more chips)')
+        cli.fail(f'not even per_device_train_batch_size=1 fits on {target.name if target else "these devices"}'
+                 ' (try model.remat=full, a shorter max_length, or more chips)')
       return
     report = compile_step(config, hf_cfg, devices, target=target)
   except InputError as e:
-    train.fail(str(e))
+    cli.fail(str(e))
   if not report['fits']:
     print(summary_line(report), file=sys.stderr)
     sys.exit(1)
@@ -283,5 +277,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=train.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
   sys.exit(0)

@@ -22,25 +22,16 @@ from absl import app
 from absl import flags
 from absl import logging
 from flax import nnx
+from ml_collections import config_dict
 
 from jaxsft import checkpoint
+from jaxsft import cli
 from jaxsft import run_dir
+from jaxsft import tokenizer as tokenizer_lib
 from jaxsft.errors import InputError
 from jaxsft.models import hf
+from jaxsft.models import hf_config
 
-
-
-def generation_config(model_dir: str, tokenizer) -> dict:
-  """The model's generation_config.json (if any), with the tokenizer's eos, pad and bos ids."""
-  generation = {}
-  source = os.path.join(model_dir, 'generation_config.json')
-  if os.path.isfile(source):
-    with open(source, encoding='utf-8') as f:
-      generation = json.load(f)
-  generation.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-  if tokenizer.bos_token_id is not None:
-    generation['bos_token_id'] = tokenizer.bos_token_id
-  return generation
 
 
 def write_hf_dir(model, hf_cfg: dict, tokenizer, generation: dict, out_dir: str, *, dtype: str,
@@ -71,80 +62,62 @@ def write_hf_dir(model, hf_cfg: dict, tokenizer, generation: dict, out_dir: str,
   return out_dir
 
 
-def load_checkpoint_tokenizer(root: str, meta: dict):
+def load_checkpoint_tokenizer(root: str, meta: run_dir.RunMeta):
   """The tokenizer the run trained with: OUTPUT_DIR/tokenizer, else rebuilt from the run's config."""
-  import transformers  # pylint: disable=import-outside-toplevel
   saved = os.path.join(os.path.dirname(os.path.abspath(root)), run_dir.TOKENIZER_DIR)
   if os.path.isfile(os.path.join(saved, 'tokenizer_config.json')):
-    return transformers.AutoTokenizer.from_pretrained(saved)
-  from ml_collections import config_dict  # pylint: disable=import-outside-toplevel
-  from jaxsft import trainer  # pylint: disable=import-outside-toplevel
-  config = config_dict.ConfigDict({k: v for k, v in meta['config'].items() if k != 'resolved'})
-  config.chat_template = meta.get('chat_template') or config.get('chat_template')
-  return trainer.load_tokenizer(config, meta['model_dir'])
+    return tokenizer_lib.from_pretrained(saved, '--checkpoint')
+  config = config_dict.ConfigDict({k: v for k, v in meta.config.items() if k != 'resolved'})
+  config.chat_template = meta.chat_template or config.get('chat_template')
+  return tokenizer_lib.load_tokenizer(config, meta.model_dir)
 
 
-def load_checkpoint_model(root: str, step: int, meta: dict):
+def load_checkpoint_model(root: str, step: int, meta: run_dir.RunMeta):
   """The float32 model with checkpoint `step`'s parameters, on the host (no optimizer state is read).
 
   The parameters are laid out as the run trained them (stacked on a 'layers' axis with `scan_layers`).
   """
-  scan_layers = bool(meta['config'].get('model', {}).get('scan_layers', False))  # Absent: before scan existed.
-  cfg = hf.model_config_from_hf(meta['hf_config'], dtype='float32', param_dtype='float32', scan_layers=scan_layers)
-  graphdef, abstract_params, rest = nnx.split(hf.abstract_model(cfg), nnx.Param, ...)
+  scan_layers = bool(meta.config.get('model', {}).get('scan_layers', False))  # Absent: before scan existed.
+  cfg = hf_config.model_config_from_hf(meta.hf_config, dtype='float32', param_dtype='float32', scan_layers=scan_layers)
+  graphdef, abstract_params = nnx.split(hf.abstract_model(cfg), nnx.Param)
   manager = checkpoint.Manager(root, read_only=True)
   try:  # ShapeDtypeStructs without a sharding restore as host numpy arrays.
     params = manager.restore_params(step, checkpoint.abstract_host(abstract_params))
   finally:
     manager.close()
-  return nnx.merge(graphdef, params, rest)
+  return nnx.merge(graphdef, params)
 
 
 def export_checkpoint(checkpoint_path: str, out_dir: str, *, dtype: str | None = None,
                       max_shard_bytes: int = 5 * 2**30) -> str:
   """Exports checkpoint `checkpoint_path` (see the module docstring) to `out_dir`; returns `out_dir`."""
   root, step = checkpoint.locate(checkpoint_path, field='--checkpoint')
-  meta = checkpoint.read_meta(root, step)
-  hf_cfg = meta['hf_config']
+  meta = run_dir.RunMeta.from_json(checkpoint.read_meta(root, step))
   model = load_checkpoint_model(root, step, meta)
   tokenizer = load_checkpoint_tokenizer(root, meta)
-  return write_hf_dir(model, hf_cfg, tokenizer, meta['generation_config'], out_dir,
-                      dtype=dtype or meta['export_dtype'], max_shard_bytes=max_shard_bytes)
+  return write_hf_dir(model, meta.hf_config, tokenizer, meta.generation_config, out_dir,
+                      dtype=dtype or meta.export_dtype, max_shard_bytes=max_shard_bytes)
 
 
 def main(argv):
-  if len(argv) > 1:
-    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  cli.no_arguments(argv)
   if not _CHECKPOINT.value or not _OUT.value:
-    _fail('--checkpoint and --out are required, e.g. --checkpoint runs/tiny --out runs/tiny-hf')
+    cli.fail('--checkpoint and --out are required, e.g. --checkpoint runs/tiny --out runs/tiny-hf')
   logging.set_verbosity(logging.ERROR)  # Orbax logs every restore step (INFO) and read-only opens (WARNING).
   try:
     out = export_checkpoint(_CHECKPOINT.value, _OUT.value, dtype=_DTYPE.value, max_shard_bytes=_MAX_SHARD_SIZE.value)
   except InputError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   print(f'exported {_CHECKPOINT.value} to {out}', file=sys.stderr)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:  # A bad --dtype or --max_shard_size: one line, not absl's usage text.
-    _fail(str(e).splitlines()[0])
-
-
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
 if __name__ == '__main__':
-  # The flags exist only when this file is the program: jaxsft.trainer imports jaxsft.export (and the export
-  # imports jaxsft.trainer to rebuild a tokenizer), which must neither define them a second time
-  # (DuplicateFlagError) nor add them to `python -m jaxsft.train`'s command line.
+  # The flags exist only when this file is the program: jaxsft.trainer imports jaxsft.export, and must neither
+  # define them a second time (DuplicateFlagError) nor add them to `python -m jaxsft.train`'s command line.
   _CHECKPOINT = flags.DEFINE_string('checkpoint', None,
                                     'OUTPUT_DIR, OUTPUT_DIR/checkpoints or OUTPUT_DIR/checkpoints/STEP.')
   _OUT = flags.DEFINE_string('out', None, 'The Hugging Face directory to write.')
   _DTYPE = flags.DEFINE_enum('dtype', None, ['bfloat16', 'float32'],
                              "Weights' dtype (default: the run's export dtype).")
   _MAX_SHARD_SIZE = flags.DEFINE_integer('max_shard_size', 5 * 2**30, 'Bytes per safetensors shard.')
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -108,8 +108,15 @@ class LibraryLog:
     self._sink.write(f'{unraisable.err_msg or "exception ignored"}: {unraisable.object!r}\n' + ''.join(
         traceback.format_exception(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)))
 
-  def __exit__(self, *exc) -> None:
-    gc.collect()  # Futures whose exception nobody retrieved log it when collected: here, into the file.
+  def __exit__(self, exc_type, exc, tb) -> None:
+    # Futures whose exception nobody retrieved log it when collected: here, into the file. A failing run's
+    # exception chain holds the finished frames that reference them: their locals are dropped first.
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+      seen.add(id(exc))
+      traceback.clear_frames(exc.__traceback__)
+      exc = exc.__cause__ or exc.__context__
+    gc.collect()
     handlers, threading.excepthook, sys.unraisablehook = self._saved
     root = logging.getLogger()
     for handler in list(root.handlers):

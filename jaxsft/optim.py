@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxsft import fields
 from jaxsft.errors import InputError
 
-SCHEDULES = ('constant', 'constant_with_warmup', 'linear', 'cosine', 'cosine_with_min_lr')
+SCHEDULES = fields.SCHEDULES  # transformers' names; config.validate checks the name.
 
 
 def num_warmup_steps(total_steps: int, warmup_steps: int, warmup_ratio: float) -> int:

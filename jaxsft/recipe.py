@@ -1,9 +1,10 @@
 """open-r1 / TRL recipe YAML import: `from_recipe_yaml` turns a recipe (TRL SFTConfig and open-r1
 ScriptArguments / ModelConfig / SFTConfig fields, flat) into a jaxsft config.
 
-The tables below are the whole mapping (README lists them): RECIPE_FIELDS are copied as they are,
-RECIPE_MAPPED have another name or shape here, RECIPE_IGNORED are GPU/torch- or Hub-only (one warning line
-each), anything else is an error naming every unknown field.
+The tables below are the whole mapping (README lists them): RECIPE_FIELDS (the config fields to which
+jaxsft/fields.py gives a TRL / open-r1 origin) are copied as they are, RECIPE_MAPPED have another name or shape
+here, RECIPE_IGNORED are GPU/torch- or Hub-only (one warning line each), anything else is an error naming every
+unknown field.
 """
 
 from collections.abc import Callable
@@ -13,17 +14,16 @@ import sys
 from ml_collections import config_dict
 
 from jaxsft import config as config_lib
+from jaxsft import fields
 from jaxsft.errors import InputError
+from jaxsft.errors import one_line
 
 
-# base_config() fields that TRL and open-r1 do not have: set them with --config.FIELD=..., not in a recipe.
-# Every other top-level field (RECIPE_FIELDS) has TRL's / open-r1's name and meaning and is copied as it is.
-JAXSFT_ONLY_FIELDS = (
-    'tokenizer_name_or_path', 'model_init', 'skip_bad_rows', 'dataset_cache_dir', 'min_lr_rate',
-    'global_batch_size', 'eval_generation_prompts', 'eval_generation_max_new_tokens',
-    'eval_generation_temperature', 'eval_generation_top_p', 'resume_allow_changes', 'export_dtype',
-    'accuracy_eval_problems', 'accuracy_eval_max_new_tokens', 'mesh', 'model')
-RECIPE_FIELDS = tuple(field for field in config_lib.base_config() if field not in JAXSFT_ONLY_FIELDS)
+# From the field registry (jaxsft/fields.py, each field's origin): RECIPE_FIELDS are the top-level fields with
+# TRL's / open-r1's name and meaning, copied as they are; JAXSFT_ONLY_FIELDS (and the mesh / model groups) are
+# jaxsft's own: set them with --config.FIELD=..., not in a recipe.
+JAXSFT_ONLY_FIELDS = fields.JAXSFT_ONLY_FIELDS
+RECIPE_FIELDS = fields.RECIPE_FIELDS
 
 ADAMW_OPTIMIZERS = ('adamw_torch', 'adamw_torch_fused', 'adamw_hf', 'adamw_apex_fused')
 RECIPE_DTYPES = ('bfloat16', 'float32', 'auto')
@@ -100,7 +100,7 @@ def from_recipe_yaml(path: str, *, warn: Callable[[str], None] = _warn_stderr) -
   except yaml.YAMLError as e:
     mark = getattr(e, 'problem_mark', None)
     where = f' line {mark.line + 1}' if mark is not None else ''
-    problem = getattr(e, 'problem', None) or ' '.join(str(e).split())
+    problem = getattr(e, 'problem', None) or one_line(e)
     raise InputError(f'{path}{where}: YAML syntax error: {problem}') from None
   return recipe_to_config(mapping, source=path, warn=warn)
 

@@ -21,6 +21,7 @@ import tqdm
 from jaxsft import config as config_lib
 from jaxsft import metrics as metrics_lib
 from jaxsft.errors import InputError
+from jaxsft.errors import one_line
 
 # report_to name → (the module it needs, the pyproject extra that installs it).
 INTEGRATIONS = {'tensorboard': ('tensorboardX', 'tensorboard'), 'wandb': ('wandb', 'wandb')}
@@ -58,7 +59,7 @@ def _wandb_credentials_problem() -> str | None:
       return None
     why = 'no W&B credentials found (no WANDB_API_KEY, no `wandb login`)'
   except Exception as e:  # pylint: disable=broad-except  (an invalid key format, a bad settings file)
-    why = f'W&B credentials are unusable ({_one_line(e)})'
+    why = f'W&B credentials are unusable ({one_line(e, 300, typed=True)})'
   return (f"config field 'report_to' names 'wandb' but {why}: run `wandb login` or set WANDB_API_KEY, or set "
           'WANDB_MODE=offline to log locally (and `wandb sync` later)')
 
@@ -82,11 +83,6 @@ def check_report_to(names) -> None:
     problem = bytes(encoded).rstrip(b'\0').decode(errors='replace') or None
   if problem:
     raise InputError(problem)
-
-
-def _one_line(e: BaseException) -> str:
-  text = ' '.join(str(e).split())
-  return f'{type(e).__name__}: {text[:300]}' if text else type(e).__name__
 
 
 def scalar_name(key: str) -> str:
@@ -243,7 +239,7 @@ def _wandb_run(output_dir: str, run_config: dict | None, *, run_name, project, e
                      name=run_name or os.path.basename(os.path.normpath(output_dir)), dir=output_dir,
                      config=run_config, id=run_id, resume='allow')
   except Exception as e:  # pylint: disable=broad-except  (network, server, permissions: all one line)
-    raise InputError(f"config field 'report_to' names 'wandb' but W&B could not start a run ({_one_line(e)}); "
+    raise InputError(f"config field 'report_to' names 'wandb' but W&B could not start a run ({one_line(e, 300, typed=True)}); "
                      'check `wandb login` and the network, or set WANDB_MODE=offline to log locally') from None
   if run_id is None and run.id:
     tmp = id_path + '.tmp'

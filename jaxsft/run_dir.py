@@ -11,8 +11,10 @@
 * `resume_point`, `rewind_metrics`: where a run starts (the newest complete checkpoint) and the metrics rows
   the resumed run writes again.
 * `write_json_atomically`, `save_tokenizer`: the run's config.json and tokenizer copy, never half-written.
+* `RunMeta`: what a checkpoint records besides the arrays.
 """
 
+import dataclasses
 import datetime
 import json
 import os
@@ -256,3 +258,33 @@ def write_json_atomically(path: str, obj) -> None:
     json.dump(obj, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
 
+
+
+@dataclasses.dataclass
+class RunMeta:
+  """What a checkpoint records besides the arrays (its `meta` item, JSON): the run, so that an export needs
+  nothing but the checkpoint (the resolved config, the Hugging Face model config and where the model came from,
+  the generation config, chat template and eos token the run trained with, the export dtype), and the loop's
+  position, so that a resumed run continues exactly (the step, which is also the data loader's position; the
+  cumulative loss-token count; the per-micro-batch sums of the unlogged steps of the current logging window;
+  the steps skipped for a non-finite gradient)."""
+  config: dict
+  hf_config: dict
+  model_dir: str
+  generation_config: dict
+  chat_template: str | None
+  eos_token: str | None
+  export_dtype: str
+  step: int = 0
+  num_tokens: int = 0
+  log_window: list = dataclasses.field(default_factory=list)
+  skipped_steps: int = 0
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, meta: dict) -> 'RunMeta':
+    """From a checkpoint's meta (keys of older jaxsft releases that nothing reads are ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in meta.items() if k in names})

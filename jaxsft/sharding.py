@@ -1,7 +1,7 @@
 """The device mesh, the logical-axis rules, and the shardings of batches, parameters and optimizer state.
 
 The mesh has three named axes, `data`, `fsdp` and `tensor` (config.mesh; -1 fills the remaining devices).
-Batches are split over `data` × `fsdp`. Every parameter carries logical axis names (models/transformer.py);
+Batches are split over `data` × `fsdp`. Every parameter carries logical axis names (models/projection.py `param`);
 `RULES` maps them to mesh axes:
 
 * `embed` → `fsdp`: ZeRO-3 / FSDP. Every weight has an embed dimension, so parameters, their gradients and

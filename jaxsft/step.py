@@ -41,14 +41,13 @@ class TrainStep:
   with the step's 'grad_norm'). `step(state, batch, inv)`: the same for one micro-batch, with its sums dict.
   """
 
-  def __init__(self, graphdef, rest, tx: optax.GradientTransformation, loss_chunk_size: int, *,
+  def __init__(self, graphdef, tx: optax.GradientTransformation, loss_chunk_size: int, *,
                state_shardings=None, attention_windows: tuple[int | None, ...] | None = None,
                skip_nonfinite: bool = False):
     """`attention_windows` (one per layer, `metrics.layer_windows`): the sums also hold 'attended_keys'.
     `skip_nonfinite`: a step whose gradient norm is not finite leaves the state unchanged (jaxsft/guard.py)."""
     self.skip_nonfinite = skip_nonfinite
-    self.graphdef = graphdef
-    self.rest = rest  # Non-trainable variables (none today), kept out of the optimizer.
+    self.graphdef = graphdef  # The model's structure; its parameters are the state's (it has no other variables).
     self.tx = tx
     self.loss_chunk_size = loss_chunk_size
     self.attention_windows = attention_windows
@@ -121,7 +120,7 @@ class TrainStep:
     return state, sums
 
   def loss_sums(self, params, batch):
-    model = nnx.merge(self.graphdef, params, self.rest)
+    model = nnx.merge(self.graphdef, params)
     hidden_BxTxD = model.hidden_states(batch['input_ids'], batch['positions'], batch['segment_ids'])
     targets_BxT, weights_BxT = loss_lib.next_token_targets(batch['input_ids'], batch['loss_mask'],
                                                            batch['segment_ids'])
@@ -158,6 +157,20 @@ class TrainStep:
     if self.skip_nonfinite:  # Selected in the program: the old state's buffers live until the select.
       new_state = jax.tree.map(lambda new, old: jnp.where(jnp.isfinite(grad_norm), new, old), new_state, state)
     return new_state, grad_norm
+
+
+def check_token_counts(window: list, host_counts: list[int], last_step: int) -> None:
+  """The loss contract's two counts agree, for each step of `window` (one list of micro-batch sums per step, the
+  last being `last_step`): the loss tokens the devices summed ('num_tokens', every micro-batch, device and host)
+  and the data index's count that `inv_step_tokens` was made of. A difference would mean the gradient was
+  normalised by another count than the loss: a bug, never bad input.
+  """
+  first = last_step - len(window) + 1
+  for step, (step_sums, expected) in enumerate(zip(jax.device_get(window), host_counts), start=first):
+    counted = sum(float(sums['num_tokens']) for sums in step_sums)
+    if abs(counted - expected) > 0.5 + 1e-6 * expected:  # Float32 sums are exact below 2**24 tokens a micro-batch.
+      raise RuntimeError(f'step {step}: the devices counted {counted:.0f} loss tokens, the data index {expected} '
+                         '(the gradient was normalised by the index\'s count): the loss contract is broken')
 
 
 def memory_report(compiled) -> str:

@@ -19,6 +19,7 @@ import os
 import re
 
 from jaxsft.errors import InputError
+from jaxsft.errors import one_line
 
 GIB = 2**30
 
@@ -147,7 +148,7 @@ def _gpu_target(name: str, kind: str, gpus: int, nodes: int) -> Target:
     desc = topologies.get_topology_desc(platform='cuda', topology=f'{nodes}x1x{gpus}', target_config=spec)
   except Exception as e:  # pylint: disable=broad-except  (no CUDA plugin installed, or one that refuses)
     raise InputError(f"--topology {name}: compiling for NVIDIA GPUs needs jax's CUDA plugin "
-                     f"(pip install -e '.[cuda]'): {' '.join(str(e).split())[:200]}") from None
+                     f"(pip install -e '.[cuda]'): {one_line(e, 200)}") from None
   devices = tuple(desc.devices)
   return Target(name, 'gpu', devices, hbm, device_kind, f'{nodes}x1x{gpus}')
 

@@ -14,6 +14,23 @@ import pytest
 os.environ['JAXSFT_CACHE_DIR'] = tempfile.mkdtemp(prefix='jaxsft-test-cache-')
 atexit.register(shutil.rmtree, os.environ['JAXSFT_CACHE_DIR'], ignore_errors=True)
 
+# XLA's compiled programs, likewise, go to a fresh directory for the session (jax's persistent compilation cache,
+# every program whatever its size or compile time), in this process and in subprocesses: the many training runs
+# that take the same step (tests/test_checkpoint.py alone has a dozen) compile it once, not once each (on 2 CPU
+# cores, compiling a tiny model's step takes ~15 s of a ~20 s run). A cached program is the one compiled, so
+# bitwise comparisons between runs hold as before. JAXSFT_TEST_COMPILATION_CACHE=0 turns it off.
+if os.environ.get('JAXSFT_TEST_COMPILATION_CACHE', '1') != '0':
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jaxsft-test-xla-cache-')
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+  import jax  # pylint: disable=wrong-import-position,wrong-import-order  (jax reads those variables on import only)
+  jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+else:
+  os.environ.pop('JAX_COMPILATION_CACHE_DIR', None)
+
 # ----------------------------------------------------------------------------------------------------------
 # Tiny Hugging Face models (tests/test_model.py, tests/test_hf.py).
 #

@@ -18,18 +18,14 @@ import numpy as np
 import pytest
 
 from jaxsft import checkpoint
-from jaxsft import config as config_lib
-from jaxsft import trainer
 from jaxsft.errors import InputError
 from tests.helpers import models
 from tests.helpers import processes
+from tests.helpers import runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_ROWS = 48
 INTERRUPT_AT = 5  # Not a multiple of LOGGING_STEPS: the resumed run must finish a half-done logging window.
 LOGGING_STEPS = 3
-# Metrics that depend on the computation only (tokens_per_second and mfu depend on the clock).
-EXACT_KEYS = ('step', 'loss', 'learning_rate', 'grad_norm', 'mean_token_accuracy', 'entropy', 'num_tokens', 'epoch')
 
 pytestmark = pytest.mark.slow
 # The beginnings of the console lines jaxsft itself prints during a run.
@@ -54,26 +50,10 @@ def settings(model_dir: str, data_file: str) -> dict:
 
 def make_config(setup, out, **overrides):
   _, model_dir, data_file = setup
-  config = config_lib.base_config()
-  config.update(settings(model_dir, data_file))
-  config.output_dir = str(out)
-  config.update(overrides)
-  config.lock()
-  return config
+  return runs.config(**{**settings(model_dir, data_file), 'output_dir': out, **overrides})
 
 
-def metrics(out) -> list[dict]:
-  with open(os.path.join(out, 'metrics.jsonl'), encoding='utf-8') as f:
-    return [json.loads(line) for line in f]
-
-
-def exact(rows: list[dict]) -> list[dict]:
-  return [{k: r[k] for k in EXACT_KEYS} for r in rows if 'loss' in r]
-
-
-def weights(out) -> dict:
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-  return load_file(os.path.join(out, 'hf', 'model.safetensors'))
+metrics, exact, weights = runs.metrics, runs.exact, runs.hf_weights
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -86,25 +66,11 @@ def assert_same_weights(a: dict, b: dict) -> None:
 def reference(setup):
   """The uninterrupted run (keeping only the newest 2 checkpoints, saved every 2 steps)."""
   out = setup[0] / 'reference'
-  trainer.run(make_config(setup, out, save_steps=2, save_total_limit=2))
-  resolved = json.loads((out / 'config.json').read_text())['resolved']
+  runs.run(make_config(setup, out, save_steps=2, save_total_limit=2))
+  resolved = runs.resolved(out)
   # The interruption falls inside the first epoch, so the resumed part crosses the epoch boundary.
   assert INTERRUPT_AT < resolved['steps_per_epoch'] < resolved['total_steps']
   return out, resolved
-
-
-def interrupt_at(monkeypatch, step: int, signum: int) -> None:
-  """Sends `signum` to this process as the loop takes step `step` to run it (the loader itself runs ahead)."""
-  original = trainer.Prefetcher.__next__
-
-  def next_and_signal(self):
-    item = original(self)
-    _, _, loader_state = item
-    if loader_state['step'] == step:
-      os.kill(os.getpid(), signum)
-    return item
-
-  monkeypatch.setattr(trainer.Prefetcher, '__next__', next_and_signal)
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
@@ -114,19 +80,19 @@ def test_signal_saves_at_the_step_boundary_and_the_resumed_run_is_bitwise_exact(
   out = setup[0] / f'interrupted_{signal.Signals(signum).name}'
   handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
   with monkeypatch.context() as patch:
-    interrupt_at(patch, INTERRUPT_AT, signum)
-    with pytest.raises(trainer.Preempted) as stopped:
-      trainer.run(make_config(setup, out))
+    runs.interrupt_at(patch, INTERRUPT_AT, signum)
+    with pytest.raises(runs.Preempted) as stopped:
+      runs.run(make_config(setup, out))
   assert (stopped.value.signum, stopped.value.step) == (signum, INTERRUPT_AT)
   assert {s: signal.getsignal(s) for s in handlers} == handlers  # The trainer's handlers are gone again.
   assert checkpoint.latest_step(str(out)) == INTERRUPT_AT
   meta = checkpoint.read_meta(checkpoint.root_of(str(out)), INTERRUPT_AT)
-  assert meta['loader'] == {'step': INTERRUPT_AT}
+  assert meta['step'] == INTERRUPT_AT  # Also the data loader's position (RunMeta).
   assert len(meta['log_window']) == INTERRUPT_AT % LOGGING_STEPS  # Steps 4 and 5, not yet logged.
   assert not (out / 'hf').exists()
   assert [r['step'] for r in metrics(out)] == [3]
 
-  trainer.run(make_config(setup, out))  # The same command again: resumes.
+  runs.run(make_config(setup, out))  # The same command again: resumes.
   ours, ref = exact(metrics(out)), exact(metrics(ref_out))
   assert [r['step'] for r in ours] == [r['step'] for r in ref]
   assert ours == ref  # Bitwise: every float of every row.
@@ -146,9 +112,9 @@ def test_reference_run_keeps_the_newest_checkpoints_and_records_the_loop_state(r
   assert len(steps) == 2 and steps[-1] == total  # save_total_limit=2.
   assert not [p for p in os.listdir(root) if not p.isdigit()]  # No temporary directory left behind.
   meta = checkpoint.read_meta(root, total)
-  assert meta['step'] == total and meta['loader'] == {'step': total}
+  assert meta['step'] == total  # Also the data loader's position (RunMeta).
   assert meta['num_tokens'] == metrics(out)[-1]['num_tokens']
-  assert meta['rng'] == {'seed': 3}
+  assert meta['config']['seed'] == 3  # The run's randomness: data order and initialisation derive from it.
   assert meta['config']['resolved']['total_steps'] == total
   assert meta['hf_config']['model_type'] == 'qwen2' and meta['export_dtype'] == 'float32'
   assert (out / 'tokenizer' / 'tokenizer.json').exists()
@@ -160,9 +126,7 @@ def test_sigkill_during_an_async_save_resumes_from_the_previous_complete_checkpo
   out = setup[0] / 'killed'
   _, model_dir, data_file = setup
   overrides = dict(settings(model_dir, data_file), output_dir=str(out), save_steps=2)
-  proc = subprocess.run([sys.executable, '-m', 'tests.helpers.kill_in_save', json.dumps(overrides), '6'], cwd=ROOT,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True, timeout=300,
-                        check=False)
+  proc = runs.cli('tests.helpers.kill_in_save', json.dumps(overrides), '6')
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   root = checkpoint.root_of(str(out))
   assert checkpoint._complete_steps(root) == [2, 4]  # pylint: disable=protected-access
@@ -170,7 +134,7 @@ def test_sigkill_during_an_async_save_resumes_from_the_previous_complete_checkpo
   assert partial, os.listdir(root)  # The kill hit a save in progress: its temporary directory is there.
   assert [r['step'] for r in metrics(out)] == [3, 6]
 
-  trainer.run(make_config(setup, out, save_steps=2))
+  runs.run(make_config(setup, out, save_steps=2))
   assert not [p for p in os.listdir(root) if not p.isdigit()]  # The partial checkpoint was cleaned up.
   assert exact(metrics(out)) == exact(metrics(ref_out))
   assert_same_weights(weights(out), weights(ref_out))
@@ -199,7 +163,7 @@ def _snapshot(out) -> dict:
 def test_resume_refuses_math_changing_fields_naming_them_and_writes_nothing(setup, finished_copy, change, named):
   before = _snapshot(finished_copy)
   with pytest.raises(InputError, match=r'config fields that change the training differ from the checkpoint: ') as e:
-    trainer.run(make_config(setup, finished_copy, **change))
+    runs.run(make_config(setup, finished_copy, **change))
   assert named in str(e.value) and '\n' not in str(e.value)
   assert f'--config.resume_allow_changes={named.split(" ")[0]}' in str(e.value)
   assert _snapshot(finished_copy) == before
@@ -210,7 +174,7 @@ def test_resume_refuses_changed_data(setup, finished_copy, tmp_path):
   lines = open(setup[2], encoding='utf-8').read().splitlines()
   changed.write_text('\n'.join(lines[:-1]) + '\n')
   with pytest.raises(InputError, match='data_fingerprint'):
-    trainer.run(make_config(setup, finished_copy, dataset_name=str(changed)))
+    runs.run(make_config(setup, finished_copy, dataset_name=changed))
 
 
 @pytest.mark.parametrize('change', [
@@ -219,7 +183,7 @@ def test_resume_refuses_changed_data(setup, finished_copy, tmp_path):
     dict(learning_rate=2e-3, resume_allow_changes='learning_rate'),  # Explicitly allowed.
 ])
 def test_resume_allows_harmless_or_allowed_changes(setup, finished_copy, change, reference):
-  trainer.run(make_config(setup, finished_copy, **change))  # A finished run: resumes at the end, re-exports.
+  runs.run(make_config(setup, finished_copy, **change))  # A finished run: resumes at the end, re-exports.
   assert_same_weights(weights(finished_copy), weights(reference[0]))
 
 
@@ -228,7 +192,7 @@ def test_resume_from_a_named_checkpoint_into_a_new_output_dir(setup, reference, 
   steps = checkpoint._complete_steps(checkpoint.root_of(str(ref_out)))  # pylint: disable=protected-access
   start = os.path.join(checkpoint.root_of(str(ref_out)), str(steps[0]))
   out = tmp_path / 'forked'
-  trainer.run(make_config(setup, out, resume_from_checkpoint=start))
+  runs.run(make_config(setup, out, resume_from_checkpoint=start))
   assert [r['step'] for r in exact(metrics(out))][0] > steps[0]
   assert exact(metrics(out)) == [r for r in exact(metrics(ref_out)) if r['step'] > steps[0]]
   assert_same_weights(weights(out), weights(ref_out))
@@ -241,7 +205,7 @@ def test_incompatible_checkpoint_names_the_first_mismatching_array(setup, refere
                        resume_from_checkpoint=str(reference[0]))
   with pytest.raises(InputError, match=r"does not fit this model: 'params\.embed_tokens\.embedding\.value' is "
                                        r'float32\[\d+, 64\] there, float32\[\d+, 96\] here'):
-    trainer.run(config)
+    runs.run(config)
   assert not (tmp_path / 'other' / 'checkpoints').exists()
 
 
@@ -257,7 +221,7 @@ def test_bad_resume_paths_are_one_line_errors(setup, tmp_path, path, message):
   if path == 'partial':
     target = target / 'checkpoints' / '7'
   with pytest.raises(InputError, match=message):
-    trainer.run(make_config(setup, tmp_path / 'out', resume_from_checkpoint=str(target)))
+    runs.run(make_config(setup, tmp_path / 'out', resume_from_checkpoint=target))
 
 
 def test_a_run_without_checkpoints_is_never_overwritten(setup, tmp_path):
@@ -265,7 +229,7 @@ def test_a_run_without_checkpoints_is_never_overwritten(setup, tmp_path):
   out.mkdir()
   (out / 'metrics.jsonl').write_text('{"step": 1, "loss": 1.0}\n')
   with pytest.raises(InputError, match='already holds a run'):
-    trainer.run(make_config(setup, out))
+    runs.run(make_config(setup, out))
   assert (out / 'metrics.jsonl').read_text() == '{"step": 1, "loss": 1.0}\n'
 
 
@@ -277,7 +241,7 @@ def test_full_disk_fails_the_save_loudly_and_keeps_earlier_checkpoints(setup, tm
   mount = tmp_path / 'disk'
   mount.mkdir()
   out = mount / 'run'
-  flags = [f'--config.{k}={v}' for k, v in settings(model_dir, data_file).items()]
+  flags = runs.flags(**settings(model_dir, data_file))
   script = f'''
 set -u
 mount -t tmpfs -o size=5m tmpfs {mount}
@@ -286,8 +250,8 @@ mount -t tmpfs -o size=5m tmpfs {mount}
 echo "exit=$?"
 {sys.executable} -m tests.helpers.kill_in_save --check {out}
 '''
-  proc = subprocess.run(['unshare', '-rm', 'bash', '-c', script], cwd=ROOT, capture_output=True, text=True,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300, check=False)
+  proc = subprocess.run(['unshare', '-rm', 'bash', '-c', script], cwd=runs.ROOT, capture_output=True, text=True,
+                        env=runs.environment(), timeout=300, check=False)
   err = (tmp_path / 'train.err').read_text()
   assert 'exit=1' in proc.stdout, proc.stdout + proc.stderr + err[-3000:]
   (line,) = [line for line in err.splitlines() if line.startswith('error: ')]

@@ -1,7 +1,7 @@
 """Checkpoints across meshes and processes: resharded restore, and a 2-process save / preempt / resume.
 
 Resharding (one subprocess, 8 simulated CPU devices, tests/helpers/checkpoint_process.py `reshard`): a run
-trained on fsdp=8 saves checkpoint 3; trainer.restore_state puts it on fsdp=8, on fsdp=4 × tensor=2 and on
+trained on fsdp=8 saves checkpoint 3; the trainer's restore puts it on fsdp=8, on fsdp=4 × tensor=2 and on
 one device, and every array of the parameters and the optimizer state is bit-identical on the three, laid out
 by the target mesh's rules. Resuming the run from that checkpoint on fsdp=4 × tensor=2 continues the fsdp=8
 loss curve.
@@ -16,7 +16,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,19 +24,16 @@ from jaxsft import checkpoint
 from tests.helpers import checkpoint_process
 from tests.helpers import models
 from tests.helpers import processes
+from tests.helpers import runs
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HELPER = [sys.executable, '-m', 'tests.helpers.checkpoint_process']
+HELPER = 'tests.helpers.checkpoint_process'
 RESUME_STEP, TOTAL_STEPS = checkpoint_process.RESUME_STEP, checkpoint_process.TOTAL_STEPS  # The reshard run's.
 METRICS = ('loss', 'grad_norm', 'learning_rate', 'mean_token_accuracy', 'entropy', 'num_tokens', 'epoch')
 
 
 def _base_env() -> dict:
-  env = {k: v for k, v in os.environ.items() if not k.startswith('JAXSFT_') or k == 'JAXSFT_CACHE_DIR'}
-  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  env['PYTHONPATH'] = os.pathsep.join([ROOT, env.get('PYTHONPATH', '')])
-  return env
+  return runs.environment(isolated=True)
 
 
 @pytest.fixture(scope='module')
@@ -46,13 +42,7 @@ def model_dir(tmp_path_factory):
                                 intermediate_size=128)
 
 
-def _metrics(out) -> list[dict]:
-  return [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
-
-
-def _hf_weights(out) -> dict:
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-  return load_file(out / 'hf' / 'model.safetensors')
+_metrics, _hf_weights = runs.metrics, runs.hf_weights
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -66,8 +56,7 @@ def reshard(tmp_path_factory, model_dir):
   data_file = processes.write_synthetic_jsonl(root / 'train.jsonl', 100, seed=2)
   out = root / 'out'
   out.mkdir()
-  proc = subprocess.run([*HELPER, 'reshard', model_dir, data_file, str(out)], cwd=ROOT, env=_base_env(),
-                        capture_output=True, text=True, timeout=600, check=False)
+  proc = runs.cli(HELPER, 'reshard', model_dir, data_file, out, env=_base_env(), timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   result = json.loads((out / 'result.json').read_text())
   arrays = {name: dict(np.load(out / f'restored_{name}.npz')) for name in result['restored']}
@@ -99,13 +88,12 @@ def test_restored_state_is_bit_identical_on_every_mesh(reshard):
 def test_restored_parameters_are_the_trained_ones(reshard, model_dir):
   """Checkpoint 6 restored on one device equals the weights the fsdp=8 run exported at its end, bit for bit;
   checkpoint 3 differs from the initial weights in every tensor (training moved them)."""
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   out, _, _ = reshard
   final, exported = dict(np.load(out / f'hf_step{TOTAL_STEPS}.npz')), _hf_weights(out / 'fsdp8')
   assert sorted(final) == sorted(exported)
   for name, value in exported.items():
     np.testing.assert_array_equal(final[name], value, err_msg=name)
-  initial = load_file(os.path.join(model_dir, 'model.safetensors'))
+  initial = runs.weights(model_dir)
   step3 = dict(np.load(out / f'hf_step{RESUME_STEP}.npz'))
   assert sorted(step3) == sorted(initial)
   unchanged = [name for name in initial if np.array_equal(step3[name], initial[name])]
@@ -164,22 +152,21 @@ SLOW_SECONDS = 1.0  # Per step after the signal: the sync point comes within abo
 def _cluster(name: str, root, model_dir: str, data_file: str, out, sigterm_at_step: int = 0) -> dict:
   """The two processes of one run as run_all commands (each process with its own data-index cache)."""
   port = processes.free_port()
-  flags = ['--config', 'configs/tiny.py', f'--config.model_name_or_path={model_dir}', '--config.model_init=pretrained',
-           f'--config.dataset_name={data_file}', f'--config.output_dir={out}', f'--config.max_steps={MAX_STEPS}',
-           '--config.max_length=96', '--config.per_device_train_batch_size=2', '--config.gradient_accumulation_steps=2',
-           '--config.mesh.data=1', '--config.mesh.fsdp=-1', '--config.logging_steps=1', '--config.seed=7',
-           '--config.accuracy_eval_problems=0', '--config.disable_tqdm=true']
+  flags = ['--config', 'configs/tiny.py', *runs.flags(
+      model_name_or_path=model_dir, model_init='pretrained', dataset_name=data_file, output_dir=out,
+      max_steps=MAX_STEPS, max_length=96, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+      mesh={'data': 1, 'fsdp': -1}, logging_steps=1, seed=7, accuracy_eval_problems=0, disable_tqdm=True)]
   commands = {}
   for p in range(2):
     env = {**_base_env(), 'JAX_NUM_CPU_DEVICES': '2', 'JAXSFT_CACHE_DIR': str(root / f'cache_{name}_p{p}'),
            'JAXSFT_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAXSFT_NUM_PROCESSES': '2', 'JAXSFT_PROCESS_ID': str(p)}
-    commands[f'p{p}'] = ([*HELPER, 'train', str(sigterm_at_step), str(SLOW_SECONDS), *flags], env)
+    commands[f'p{p}'] = (runs.argv(HELPER, 'train', sigterm_at_step, SLOW_SECONDS, *flags), env)
   return commands
 
 
 def _start(commands: dict) -> dict:
-  return {name: subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-          for name, (argv, env) in commands.items()}
+  return {name: subprocess.Popen(argv, cwd=runs.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True) for name, (argv, env) in commands.items()}
 
 
 def _finish(procs: dict, timeout: int = 300) -> dict[str, tuple[int, str]]:
@@ -208,14 +195,14 @@ def two_process(tmp_path_factory, model_dir):
   full_dir, run_dir = root / 'full', root / 'run'
   preempted = _start(_cluster('preempted', root, model_dir, data_file, run_dir, sigterm_at_step=SIGTERM_AT_STEP))
   try:
-    full = processes.run_all(_cluster('full', root, model_dir, data_file, full_dir), cwd=ROOT, timeout=300)
+    full = processes.run_all(_cluster('full', root, model_dir, data_file, full_dir), cwd=runs.ROOT, timeout=300)
   finally:
     preempted = _finish(preempted)
   # What the interrupted run left, before the resumed run adds to it.
   after_preemption = {'checkpoints': sorted(os.listdir(checkpoint.root_of(str(run_dir)))) if run_dir.exists() else [],
                       'logged_steps': [r['step'] for r in _metrics(run_dir)] if run_dir.exists() else [],
                       'latest_step': checkpoint.latest_step(str(run_dir))}
-  resumed = processes.run_all(_cluster('resumed', root, model_dir, data_file, run_dir), cwd=ROOT, timeout=300)
+  resumed = processes.run_all(_cluster('resumed', root, model_dir, data_file, run_dir), cwd=runs.ROOT, timeout=300)
   return {'full': (full_dir, {p: (0, err) for p, err in full.items()}), 'preempted': (run_dir, preempted),
           'resumed': (run_dir, {p: (0, err) for p, err in resumed.items()}), 'after_preemption': after_preemption}
 
@@ -248,7 +235,7 @@ def test_the_preemption_checkpoint_is_complete(two_process):
   assert two_process['after_preemption']['checkpoints'] == [str(step)]
   assert two_process['after_preemption']['latest_step'] == step  # What the next run resumes from.
   meta = checkpoint.read_meta(checkpoint.root_of(str(run_dir)), step)
-  assert meta['step'] == step and meta['loader'] == {'step': step}
+  assert meta['step'] == step  # Also the data loader's position (RunMeta).
   assert meta['config']['resolved']['num_processes'] == 2
 
 

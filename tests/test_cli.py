@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from jaxsft.errors import one_line
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -42,6 +44,80 @@ def _messages_row(answer: str = 'The answer is 4.') -> str:
 
 def test_unknown_config_field(tmp_path):
   _assert_one_line_error(_tiny(tmp_path, '--config.learnig_rate=1e-3'), 'learnig_rate', 'learning_rate')
+
+
+@pytest.mark.parametrize('entry', ['jaxsft.train', 'jaxsft.dryrun'])
+@pytest.mark.parametrize('override,message', [
+    ('--config.learnig_rate=1e-3', 'unknown config field learnig_rate (did you mean learning_rate?)'),
+    ('--config.mesh.fsdpp=2', 'unknown config field mesh.fsdpp (did you mean mesh.fsdp?)'),
+    ('--config.meshh.fsdp=2', 'unknown config field meshh (did you mean mesh?)'),
+    ('--config.zzzz=1', 'unknown config field zzzz'),
+    ('--config.max_steps=1.5', "flag --config.max_steps=1.5: invalid literal for int() with base 10: '1.5'"),
+])
+def test_config_flag_errors_are_one_exact_line(entry, override, message):
+  """Both config-taking entry points (jaxsft/cli.py) word a bad override the same way, nested fields by their
+  dotted name."""
+  proc = subprocess.run([sys.executable, '-m', entry, '--config', 'configs/tiny.py', override], cwd=ROOT,
+                        text=True, capture_output=True, timeout=120, check=False)
+  assert proc.returncode == 2 and proc.stderr.splitlines() == [f'error: {message}'], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize('body,message', [
+    ('def get_config():\n  raise RuntimeError("boom\\n  on two lines")\n', ': RuntimeError: boom on two lines'),
+    ('def get_config():\n  return {"a": 1}\n', ": AttributeError: 'dict' object has no attribute 'lock'"),
+    ('def get_config(:\n  pass\n', ' line 1: invalid syntax'),
+])
+def test_a_failing_config_file_is_one_line(tmp_path, body, message):
+  """A config file that raises, returns no ConfigDict or does not parse: one line naming it, exit 2."""
+  config = tmp_path / 'bad_config.py'
+  config.write_text(body)
+  proc = _train('--config', str(config))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.splitlines() == [f'error: --config {config}{message}'], proc.stderr[-2000:]
+
+
+def test_config_file_argument_error_names_the_cause():
+  """configs/NAME.py:ARG for a get_config() without a parameter: the TypeError, not config_flags' traceback."""
+  proc = _train('--config', 'configs/tiny.py:extra')
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.splitlines() == ['error: --config configs/tiny.py:extra: TypeError: get_config() takes 0 '
+                                      'positional arguments but 1 was given'], proc.stderr[-2000:]
+
+
+def test_parse_flags_serves_entry_points_without_a_config(tmp_path):
+  """An entry point with its own flags and no --config (jaxsft.export, jaxsft.generate) gets the same one-line
+  failures from cli.parse_flags, and no --config requirement."""
+  program = tmp_path / 'entry.py'
+  program.write_text('\n'.join([
+      'from absl import app, flags', 'from jaxsft import cli',
+      "_N = flags.DEFINE_integer('n', 1, 'a number')",
+      'def main(argv):', '  cli.no_arguments(argv)', "  print('n', _N.value)",
+      "app.run(main, flags_parser=cli.parse_flags)", '']))
+  env = dict(os.environ, PYTHONPATH=ROOT)
+
+  def run(*args):
+    return subprocess.run([sys.executable, str(program), *args], cwd=ROOT, env=env, text=True, capture_output=True,
+                          timeout=60, check=False)
+
+  proc = run('--n=3')
+  assert (proc.returncode, proc.stdout.strip()) == (0, 'n 3'), proc.stderr[-2000:]
+  for args, line in [(['--n=x'], "error: flag --n=x: invalid literal for int() with base 10: 'x'"),
+                     (['--m=1'], "error: Unknown command line flag 'm'"),
+                     (['--n=1', 'extra'], 'error: unexpected arguments: extra')]:
+    proc = run(*args)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [line], (args, proc.stderr[-2000:])
+
+
+def test_one_line():
+  error = OSError('first line\n  second\tline  ')
+  assert one_line(error) == 'first line second line'
+  assert one_line(error, 5) == 'first'
+  assert one_line(error, typed=True) == 'OSError: first line second line'
+  assert one_line(ValueError(), typed=True) == 'ValueError'
+  long = RuntimeError('a' * 300 + ' No space left on device')
+  text = one_line(long, 100, keep_end=True)
+  assert len(text) == 100 and text.startswith('a' * 47 + ' ... ') and text.endswith('No space left on device')
+  assert one_line('already one line', 100, keep_end=True) == 'already one line'
 
 
 def test_missing_config_field_value(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 
 from jaxsft.data import paths
 from jaxsft.data import sources
+from jaxsft.data import splits as splits_lib
 from jaxsft.errors import InputError
 
 datasets = pytest.importorskip('datasets')
@@ -17,10 +18,10 @@ ROWS = [{'messages': [{'role': 'user', 'content': f'q{i}'}, {'role': 'assistant'
 
 
 def _load(name, *, need_eval=False, split='train', test_split='test', mixture=None) -> sources.Splits:
-  return sources.load_splits(dataset_name=None if name is None else str(name), dataset_config=None,
-                             dataset_train_split=split,
-                             dataset_test_split=None if test_split is None else str(test_split),
-                             dataset_mixture=mixture, need_eval=need_eval)
+  return splits_lib.load_splits(dataset_name=None if name is None else str(name), dataset_config=None,
+                                dataset_train_split=split,
+                                dataset_test_split=None if test_split is None else str(test_split),
+                                dataset_mixture=mixture, need_eval=need_eval)
 
 
 def _jsonl(path, rows) -> str:

@@ -5,10 +5,7 @@ JAXSFT_* variables, gloo collectives) and as 1 process × 8 devices: the per-ste
 weights agree, and only process 0 writes the output directory and prints the run's log lines.
 """
 
-import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,8 +13,8 @@ import pytest
 from jaxsft import distributed
 from jaxsft.errors import InputError
 from tests.helpers import processes
+from tests.helpers import runs as runs_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPLICIT = {'JAXSFT_COORDINATOR_ADDRESS': '10.0.0.1:1234', 'JAXSFT_NUM_PROCESSES': '4', 'JAXSFT_PROCESS_ID': '3'}
 SLURM = {'SLURM_JOB_ID': '123', 'SLURM_NTASKS': '16', 'SLURM_PROCID': '5', 'SLURM_LOCALID': '5',
          'SLURM_STEP_NUM_NODES': '2'}
@@ -102,10 +99,8 @@ def test_initialize_passes_the_cluster_to_jax(monkeypatch):
 
 
 def test_cli_reports_a_bad_variable_in_one_line():
-  env = {k: v for k, v in os.environ.items() if not k.startswith('JAXSFT_') or k == 'JAXSFT_CACHE_DIR'}
-  env.update(JAX_PLATFORMS='cpu', JAXSFT_NUM_PROCESSES='2', JAXSFT_PROCESS_ID='0')
-  proc = subprocess.run([sys.executable, '-m', 'jaxsft.train', '--config', 'configs/tiny.py'], cwd=ROOT, env=env,
-                        text=True, capture_output=True, timeout=120, check=False)
+  env = runs_lib.environment(isolated=True, JAXSFT_NUM_PROCESSES='2', JAXSFT_PROCESS_ID='0')
+  proc = runs_lib.train_cli('configs/tiny.py', env=env, timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1].startswith('error: environment variable JAXSFT_COORDINATOR_ADDRESS ')
 
@@ -124,8 +119,7 @@ def runs(tmp_path_factory):
   """{'ref': 1 process × 8 devices, 'p0', 'p1': the two processes of a 2 × 4 run} → (output dir, stderr)."""
   root = tmp_path_factory.mktemp('distributed')
   data_file = processes.write_synthetic_jsonl(root / 'train.jsonl', NUM_ROWS, seed=11)
-  base = {k: v for k, v in os.environ.items() if not k.startswith('JAXSFT_') or k == 'JAXSFT_CACHE_DIR'}
-  base.update(JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  base = runs_lib.environment(isolated=True)
   port = processes.free_port()
   # Each process has its own data-index cache, as hosts do: the runs start at the same time and a process
   # must not find an index that another run has just written (its peer would still be building one).
@@ -136,14 +130,13 @@ def runs(tmp_path_factory):
                      'JAXSFT_PROCESS_ID': str(p)}
   # Both processes write to one output_dir (each writes its checkpoint shards there), as on a shared filesystem.
   outs = {'ref': root / 'ref', 'p0': root / 'two', 'p1': root / 'two'}
-  errs = processes.run_all({name: ([sys.executable, '-m', 'jaxsft.train', *RUN_FLAGS,
-                                    f'--config.dataset_name={data_file}', f'--config.output_dir={outs[name]}'], env)
-                            for name, env in envs.items()}, cwd=ROOT)
+  errs = processes.run_all({name: (runs_lib.argv('jaxsft.train', *RUN_FLAGS, f'--config.dataset_name={data_file}',
+                                                 f'--config.output_dir={outs[name]}'), env)
+                            for name, env in envs.items()}, cwd=runs_lib.ROOT)
   return {name: (outs[name], err) for name, err in errs.items()}
 
 
-def _metrics(out) -> list[dict]:
-  return [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+_metrics = runs_lib.metrics
 
 
 @pytest.mark.slow
@@ -154,15 +147,14 @@ def test_two_processes_train_the_same_curve_as_one(runs):
   for key in ('loss', 'grad_norm', 'mean_token_accuracy', 'learning_rate'):
     np.testing.assert_allclose([r[key] for r in two], [r[key] for r in ref], rtol=0, atol=1e-5, err_msg=key)
   assert ref[-1]['loss'] < ref[0]['loss'] - 0.1  # The curve moves: equal curves are not equal constants.
-  resolved = json.loads((runs['p0'][0] / 'config.json').read_text())['resolved']
+  resolved = runs_lib.resolved(runs['p0'][0])
   assert (resolved['num_processes'], resolved['num_devices']) == (2, 8)
 
 
 @pytest.mark.slow
 def test_two_processes_export_the_same_weights_as_one(runs):
-  from safetensors.numpy import load_file
-  ref = load_file(runs['ref'][0] / 'hf' / 'model.safetensors')
-  two = load_file(runs['p0'][0] / 'hf' / 'model.safetensors')
+  ref = runs_lib.hf_weights(runs['ref'][0])
+  two = runs_lib.hf_weights(runs['p0'][0])
   assert sorted(two) == sorted(ref)
   for name in ref:
     np.testing.assert_allclose(two[name], ref[name], rtol=0, atol=1e-5, err_msg=name)
@@ -189,14 +181,14 @@ def test_processes_that_do_not_share_the_output_dir_fail_with_one_line(tmp_path)
   """Each process writes its checkpoint shards to output_dir: a per-process path (or a host-local disk) is refused
   before any work, naming the field, instead of hanging in the first checkpoint."""
   data_file = processes.write_synthetic_jsonl(tmp_path / 'train.jsonl', 8, seed=1)
-  base = {k: v for k, v in os.environ.items() if not k.startswith('JAXSFT_') or k == 'JAXSFT_CACHE_DIR'}
-  base.update(JAX_PLATFORMS='cpu', XLA_FLAGS='', JAX_NUM_CPU_DEVICES='1')
+  base = runs_lib.environment(isolated=True, JAX_NUM_CPU_DEVICES='1')
   port = processes.free_port()
   procs = [subprocess.Popen(
-      [sys.executable, '-m', 'jaxsft.train', *RUN_FLAGS, f'--config.dataset_name={data_file}',
-       f'--config.output_dir={tmp_path / f"p{p}"}'], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-      text=True, env={**base, 'JAXSFT_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAXSFT_NUM_PROCESSES': '2',
-                      'JAXSFT_PROCESS_ID': str(p)}) for p in range(2)]
+      runs_lib.argv('jaxsft.train', *RUN_FLAGS, f'--config.dataset_name={data_file}',
+                    f'--config.output_dir={tmp_path / f"p{p}"}'), cwd=runs_lib.ROOT, stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True, env={**base, 'JAXSFT_COORDINATOR_ADDRESS': f'127.0.0.1:{port}',
+                                              'JAXSFT_NUM_PROCESSES': '2', 'JAXSFT_PROCESS_ID': str(p)})
+           for p in range(2)]
   try:
     errs = [proc.communicate(timeout=120)[1] for proc in procs]
   finally:

@@ -102,7 +102,9 @@ def test_eval_loss_is_the_token_weighted_mean_over_the_eval_split(model_and_data
 def _check_eval_generations(rows, out, data_dir):
   """Each eval answers the split's first 4 prompts; the last eval's answers are exactly what the sampler gives on the
   exported model with the same seed (config seed + step): the generation ran on the training state's own weights."""
+  from jaxsft import evals  # pylint: disable=import-outside-toplevel
   from jaxsft import generate  # pylint: disable=import-outside-toplevel
+  from jaxsft import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   from jaxsft.data import sources  # pylint: disable=import-outside-toplevel
   generations = [r for r in rows if 'eval_generations' in r]
   assert [r['step'] for r in generations] == [4, 8]
@@ -113,9 +115,9 @@ def _check_eval_generations(rows, out, data_dir):
   assert [g['prompt'] for g in last] == [r['messages'][-2]['content'] for r in test_rows[:4]]
   assert len({g['generated'] for g in last}) == 4  # Sampled answers: a strong comparison below.
   model, tokenizer, generation_config = generate.load_model(str(out / 'hf'), dtype='float32')
-  direct = generate.eval_generations(model, tokenizer, sources.RowList(test_rows, 'test.jsonl', 'test'),
-                                     num_prompts=4, max_new_tokens=24, temperature=1.0, top_p=1.0, seed=42 + 8,
-                                     max_prompt_tokens=256, eos_ids=generate.eos_ids_of(tokenizer, generation_config))
+  direct = evals.eval_generations(model, tokenizer, sources.RowList(test_rows, 'test.jsonl', 'test'),
+                                  num_prompts=4, max_new_tokens=24, temperature=1.0, top_p=1.0, seed=42 + 8,
+                                  max_prompt_tokens=256, eos_ids=tokenizer_lib.eos_ids(tokenizer, generation_config))
   assert direct == last
 
 

@@ -12,7 +12,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -24,13 +23,14 @@ from jaxsft import checkpoint
 from jaxsft import config as config_lib
 from jaxsft import export
 from jaxsft import run_dir
-from jaxsft import trainer
+from jaxsft import tokenizer as tokenizer_lib
 from jaxsft.models import hf
+from jaxsft.models import hf_config
 from tests.helpers import processes
+from tests.helpers import runs as runs_lib
 
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TOKENIZER = os.path.join(os.path.dirname(jaxsft.__file__), 'assets', 'tiny')
 ATOL = 1e-4
 
@@ -83,13 +83,10 @@ def _save_model(tiny_hf, name: str, *, torch_dtype=None) -> pathlib.Path:
 
 
 def _train(model_dir: pathlib.Path, data_file: str, out: pathlib.Path, **overrides) -> None:
-  config = config_lib.base_config()
-  config.update(dict(model_name_or_path=str(model_dir), dataset_name=data_file, output_dir=str(out), bf16=False,
-                     gradient_checkpointing=False, disable_tqdm=True, learning_rate=1e-3, max_length=64,
-                     per_device_train_batch_size=4, max_steps=NUM_STEPS, save_steps=1, logging_steps=1))
-  config.update(overrides)
-  config.lock()
-  trainer.run(config)
+  runs_lib.train(**{**dict(model_name_or_path=model_dir, dataset_name=data_file, output_dir=out, bf16=False,
+                           gradient_checkpointing=False, disable_tqdm=True, learning_rate=1e-3, max_length=64,
+                           per_device_train_batch_size=4, max_steps=NUM_STEPS, save_steps=1, logging_steps=1),
+                    **overrides})
 
 
 def _digests(directory) -> dict[str, str]:
@@ -100,11 +97,7 @@ def _digests(directory) -> dict[str, str]:
 
 def _tensors(directory) -> dict:
   """Every tensor of a HF directory (torch, original dtype), read with safetensors' own reader."""
-  from safetensors.torch import load_file  # pylint: disable=import-outside-toplevel
-  out = {}
-  for file in sorted(pathlib.Path(directory).glob('*.safetensors')):
-    out.update(load_file(file))
-  return out
+  return runs_lib.weights(directory, as_torch=True)
 
 
 def _header_dtypes(directory) -> set[str]:
@@ -120,7 +113,7 @@ def _header_dtypes(directory) -> set[str]:
 def _checkpoint_model(output_dir):
   """jaxsft's float32 model with the parameters of OUTPUT_DIR's newest checkpoint (Manager.restore_params)."""
   root, step = checkpoint.locate(str(output_dir))
-  return export.load_checkpoint_model(root, step, checkpoint.read_meta(root, step))
+  return export.load_checkpoint_model(root, step, run_dir.RunMeta.from_json(checkpoint.read_meta(root, step)))
 
 
 def _chat_batch(tokenizer, data_file: str, *, length: int = 48, pad: int = 11):
@@ -152,9 +145,7 @@ def _load_hf(directory):
 
 def _cli(*args) -> subprocess.CompletedProcess:
   """`python -m jaxsft.export ARGS` in a subprocess (the real command line)."""
-  return subprocess.run([sys.executable, '-m', 'jaxsft.export', *map(str, args)], cwd=ROOT,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True, timeout=300,
-                        check=False)
+  return runs_lib.cli('jaxsft.export', *args)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -277,16 +268,14 @@ def test_cli_export_equals_the_trainers_and_skips_incomplete_checkpoints(planted
 def _checkpoint_untouched(model_dir: pathlib.Path, output_dir: pathlib.Path, *, bf16: bool) -> None:
   """Saves model_dir's weights, as the trainer loads them, with a fresh optimizer state and the trainer's meta
   (no OUTPUT_DIR/tokenizer: the export rebuilds the tokenizer from the meta's config)."""
-  config = config_lib.base_config()
-  config.update(dict(model_name_or_path=str(model_dir), output_dir=str(output_dir), bf16=bf16))
-  config.lock()
-  hf_cfg = hf.read_hf_config(model_dir)
-  model = hf.load_pretrained(model_dir, trainer.model_config(config, hf_cfg))
+  config = runs_lib.config(model_name_or_path=model_dir, output_dir=output_dir, bf16=bf16)
+  hf_cfg = hf_config.read_hf_config(model_dir)
+  model = hf.load_pretrained(model_dir, runs_lib.model_config(config, hf_cfg))
   _, params, _ = nnx.split(model, nnx.Param, ...)
-  tx, _ = trainer.make_optimizer(config, total_steps=10)
-  tokenizer = trainer.load_tokenizer(config, str(model_dir))
+  tx, _ = runs_lib.make_optimizer(config, total_steps=10)
+  tokenizer = runs_lib.load_tokenizer(config, str(model_dir))
   meta = {'config': json.loads(config.to_json_best_effort()), 'hf_config': hf_cfg, 'model_dir': str(model_dir),
-          'generation_config': export.generation_config(str(model_dir), tokenizer),
+          'generation_config': tokenizer_lib.generation_config(str(model_dir), tokenizer),
           'chat_template': tokenizer.chat_template, 'eos_token': tokenizer.eos_token,
           'export_dtype': config_lib.export_dtype(config), 'rng': {'seed': config.seed}}
   manager = checkpoint.Manager(checkpoint.root_of(str(output_dir)))

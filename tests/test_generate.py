@@ -12,9 +12,12 @@ import pytest
 import torch
 import transformers
 
+from jaxsft import evals
 from jaxsft import generate
+from jaxsft import sampler
 from jaxsft.errors import InputError
 from jaxsft.models import hf
+from jaxsft.models import hf_config
 
 MAX_NEW_TOKENS = 10
 
@@ -28,7 +31,7 @@ def _hf_model(tmp_path, *, tied: bool):
   model = transformers.Qwen2ForCausalLM(cfg).to(torch.float32).eval()
   model_dir = tmp_path / ('tied' if tied else 'untied')
   model.save_pretrained(model_dir)
-  ours = hf.load_pretrained(model_dir, hf.model_config_from_hf(hf.read_hf_config(model_dir)))
+  ours = hf.load_pretrained(model_dir, hf_config.model_config_from_hf(hf_config.read_hf_config(model_dir)))
   return model, ours
 
 
@@ -47,7 +50,7 @@ def _hf_greedy(model, prompt: list[int], eos_ids: list[int]) -> list[int]:
 @pytest.mark.parametrize('tied', [False, True])
 def test_greedy_generate_matches_transformers(tmp_path, tied, fn):
   model, ours = _hf_model(tmp_path, tied=tied)
-  greedy = getattr(generate, fn)
+  greedy = getattr(sampler, fn)
   rng = np.random.default_rng(0)
   prompts = [rng.integers(1, 96, n).tolist() for n in (5, 1, 13, 8, 3)]
   # First without an end-of-sequence id: every row runs to max_new_tokens.
@@ -69,22 +72,22 @@ def test_result_does_not_depend_on_batching_or_pad_id(tmp_path):
   _, ours = _hf_model(tmp_path, tied=False)
   rng = np.random.default_rng(1)
   prompts = [rng.integers(1, 96, n).tolist() for n in (7, 2, 30, 11, 4, 9, 1, 16, 3)]
-  together = generate.greedy_generate(ours, prompts, max_new_tokens=6, eos_ids=[5], pad_id=0)
-  alone = [generate.greedy_generate(ours, [p], max_new_tokens=6, eos_ids=[5], pad_id=95)[0] for p in prompts]
+  together = sampler.greedy_generate(ours, prompts, max_new_tokens=6, eos_ids=[5], pad_id=0)
+  alone = [sampler.greedy_generate(ours, [p], max_new_tokens=6, eos_ids=[5], pad_id=95)[0] for p in prompts]
   assert together == alone
 
 
 def test_edge_cases(tmp_path):
   _, ours = _hf_model(tmp_path, tied=True)
-  assert generate.greedy_generate(ours, [], max_new_tokens=5, eos_ids=[1], pad_id=0) == []
-  assert generate.greedy_generate(ours, [[3, 4], [5]], max_new_tokens=0, eos_ids=[1], pad_id=0) == [[], []]
+  assert sampler.greedy_generate(ours, [], max_new_tokens=5, eos_ids=[1], pad_id=0) == []
+  assert sampler.greedy_generate(ours, [[3, 4], [5]], max_new_tokens=0, eos_ids=[1], pad_id=0) == [[], []]
   with pytest.raises(InputError, match='prompt 1 is empty'):
-    generate.greedy_generate(ours, [[3], []], max_new_tokens=5, eos_ids=[1], pad_id=0)
+    sampler.greedy_generate(ours, [[3], []], max_new_tokens=5, eos_ids=[1], pad_id=0)
   with pytest.raises(InputError, match='max_new_tokens'):
-    generate.greedy_generate(ours, [[3]], max_new_tokens=-1, eos_ids=[1], pad_id=0)
+    sampler.greedy_generate(ours, [[3]], max_new_tokens=-1, eos_ids=[1], pad_id=0)
   # A row whose first generated token is an end-of-sequence id yields nothing.
-  first = generate.greedy_generate(ours, [[3, 4]], max_new_tokens=1, eos_ids=[], pad_id=0)[0][0]
-  assert generate.greedy_generate(ours, [[3, 4]], max_new_tokens=4, eos_ids=[first], pad_id=0) == [[]]
+  first = sampler.greedy_generate(ours, [[3, 4]], max_new_tokens=1, eos_ids=[], pad_id=0)[0][0]
+  assert sampler.greedy_generate(ours, [[3, 4]], max_new_tokens=4, eos_ids=[first], pad_id=0) == [[]]
 
 
 def test_evaluate_accuracy_end_to_end_on_the_tiny_assets():
@@ -93,14 +96,14 @@ def test_evaluate_accuracy_end_to_end_on_the_tiny_assets():
   from jaxsft.data import synthetic
   assets = os.path.join(os.path.dirname(generate.__file__), 'assets', 'tiny')
   tokenizer = transformers.AutoTokenizer.from_pretrained(assets)
-  model = hf.init_random(hf.model_config_from_hf(hf.read_hf_config(assets)), seed=0)
+  model = hf.init_random(hf_config.model_config_from_hf(hf_config.read_hf_config(assets)), seed=0)
   problems = synthetic.held_out_problems(3, 0)
-  accuracy, samples = synthetic.evaluate_accuracy(model, tokenizer, problems, max_new_tokens=4)
+  accuracy, samples = evals.evaluate_accuracy(model, tokenizer, problems, max_new_tokens=4)
   assert accuracy == 0.0  # Four tokens cannot hold '<think>...The answer is N.'
   assert [s['prompt'] for s in samples] == [m[-1]['content'] for m, _ in problems]
   prompts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True,
                                            return_dict=True)['input_ids'] for m, _ in problems]
   eos_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids('<|endoftext|>')]
-  direct = generate.greedy_generate(model, prompts, max_new_tokens=4, eos_ids=eos_ids,
+  direct = sampler.greedy_generate(model, prompts, max_new_tokens=4, eos_ids=eos_ids,
                                     pad_id=tokenizer.pad_token_id)
   assert [s['generated'] for s in samples] == [tokenizer.decode(ids) for ids in direct]

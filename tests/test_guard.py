@@ -5,11 +5,9 @@ are NaN: deterministic on any machine. 1e6 instead saturates the softmax: the gr
 stays at ln(vocab), training that goes nowhere without a NaN.
 """
 
-import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,8 +15,7 @@ import pytest
 from jaxsft import integrity
 from tests.helpers import models
 from tests.helpers import processes
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import runs
 
 pytestmark = pytest.mark.slow
 
@@ -30,17 +27,14 @@ def inputs(tmp_path_factory):
   return model_dir, processes.write_synthetic_jsonl(root / 'train.jsonl', 32, seed=4)
 
 
-def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
-                        text=True, capture_output=True, timeout=300, check=False)
+_cli = runs.cli
 
 
 def _train(model_dir, data, out, *overrides) -> subprocess.CompletedProcess:
-  return _cli('jaxsft.train', '--config', 'configs/sft.py', f'--config.model_name_or_path={model_dir}',
-              f'--config.dataset_name={data}', f'--config.output_dir={out}', '--config.bf16=false',
-              '--config.gradient_checkpointing=false', '--config.max_length=128',
-              '--config.per_device_train_batch_size=2', '--config.logging_steps=1', '--config.disable_tqdm=true',
-              '--config.lr_scheduler_type=constant', *overrides)
+  return runs.train_cli('configs/sft.py', *overrides, model_name_or_path=model_dir, dataset_name=data,
+                        output_dir=out, bf16=False, gradient_checkpointing=False, max_length=128,
+                        per_device_train_batch_size=2, logging_steps=1, disable_tqdm=True,
+                        lr_scheduler_type='constant')
 
 
 def _errors(proc) -> list[str]:
@@ -48,9 +42,7 @@ def _errors(proc) -> list[str]:
   return [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
 
 
-def _weights(directory) -> dict:
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-  return load_file(os.path.join(directory, 'model.safetensors'))
+_weights = runs.weights
 
 
 def test_a_nan_loss_stops_the_run_keeps_the_checkpoints_before_it_and_exports_nothing(inputs, tmp_path):
@@ -62,7 +54,7 @@ def test_a_nan_loss_stops_the_run_keeps_the_checkpoints_before_it_and_exports_no
                            '(nonfinite_policy=stop): checkpoints up to step 1 are kept and nothing is exported']
   assert sorted(os.listdir(out / 'checkpoints')) == ['1']  # Step 2's state was never saved...
   assert integrity.verify(str(out / 'checkpoints' / '1')) is None
-  rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+  rows = runs.metrics(out)
   assert [r['step'] for r in rows] == [1] and np.isfinite(rows[0]['loss'])  # ...nor logged.
   assert not (out / 'hf').exists() and not (out / '.lock').exists()
 
@@ -73,7 +65,7 @@ def test_skip_policy_leaves_the_state_unchanged_at_each_non_finite_step(inputs, 
                 '--config.save_steps=1', '--config.nonfinite_policy=skip')
   assert proc.returncode == 0 and not _errors(proc), proc.stderr[-3000:]
   assert proc.stderr.count('the step was skipped (nonfinite_policy=skip') == 3, proc.stderr[-3000:]
-  rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines() if 'loss' in line]
+  rows = runs.loss_rows(out)
   assert [r['skipped_steps'] for r in rows] == [0, 1, 2, 3], rows
   assert np.isfinite(rows[0]['grad_norm']) and not any(np.isfinite(r['grad_norm']) for r in rows[1:])
   after_step_1 = tmp_path / 'after_step_1'

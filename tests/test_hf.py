@@ -11,13 +11,15 @@ from flax import nnx
 
 from jaxsft.errors import InputError
 from jaxsft.models import hf
-from jaxsft.models import transformer
+from jaxsft.models import hf_config
+from jaxsft.models import hf_layout
+from jaxsft.models import rope
 
 ATOL = 1e-4
 
 
 def _ours(path, **cfg_overrides):
-  return hf.load_pretrained(path, hf.model_config_from_hf(hf.read_hf_config(path), **cfg_overrides))
+  return hf.load_pretrained(path, hf_config.model_config_from_hf(hf_config.read_hf_config(path), **cfg_overrides))
 
 
 def _logits(model, tokens, mask, positions):
@@ -71,7 +73,7 @@ _CONFIG_CASES = {
 def test_config_interpretation_matches_transformers(case):
   import transformers  # pylint: disable=import-outside-toplevel
   raw = {**_SMALL, **_CONFIG_CASES[case]}
-  ours = hf.model_config_from_hf(json.loads(json.dumps(raw)))
+  ours = hf_config.model_config_from_hf(json.loads(json.dumps(raw)))
   config = transformers.CONFIG_MAPPING[raw['model_type']].from_dict(json.loads(json.dumps(raw)))
   model = transformers.AutoModelForCausalLM.from_config(config)
   layers = model.model.layers
@@ -91,14 +93,14 @@ def test_config_interpretation_matches_transformers(case):
   else:
     theirs_windows = [getattr(layer.self_attn, 'sliding_window', None) for layer in layers]
   assert list(ours.sliding_windows or [None] * ours.num_layers) == theirs_windows
-  inv_freq, scaling = transformer.rope_frequencies(ours)
+  inv_freq, scaling = rope.rope_frequencies(ours)
   np.testing.assert_array_max_ulp(inv_freq, model.model.rotary_emb.inv_freq.numpy(), maxulp=1)
   assert scaling == pytest.approx(model.model.rotary_emb.attention_scaling, rel=1e-12)
 
 
 def test_config_json_written_by_transformers_round_trips(tiny_hf):
   path = tiny_hf.save(tiny_hf.model('llama3'))
-  cfg = hf.model_config_from_hf(hf.read_hf_config(path), dtype='bfloat16', remat='full')
+  cfg = hf_config.model_config_from_hf(hf_config.read_hf_config(path), dtype='bfloat16', remat='full')
   assert cfg.dtype == 'bfloat16' and cfg.param_dtype == 'float32' and cfg.remat == 'full'
   assert dict(cfg.rope_scaling)['rope_type'] == 'llama3' and cfg.qkv_bias and cfg.o_bias and cfg.mlp_bias
   hash(cfg)  # Usable as a static jit argument.
@@ -118,7 +120,7 @@ def test_config_json_written_by_transformers_round_trips(tiny_hf):
 def test_bad_config_raises_input_error_naming_the_field(change, field):
   raw = {**_SMALL, 'model_type': 'llama', **change}
   with pytest.raises(InputError, match=field):
-    hf.model_config_from_hf(raw)
+    hf_config.model_config_from_hf(raw)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -127,36 +129,36 @@ def test_bad_config_raises_input_error_naming_the_field(change, field):
 
 def test_resolve_model_dir(tmp_path):
   (tmp_path / 'config.json').write_text('{}')
-  assert hf.resolve_model_dir(str(tmp_path)) == tmp_path.resolve()
+  assert hf_config.resolve_model_dir(str(tmp_path)) == tmp_path.resolve()
   missing = tmp_path / 'no_such_model'
   with pytest.raises(InputError, match=f"model_name_or_path.*{missing}"):
-    hf.resolve_model_dir(str(missing))
+    hf_config.resolve_model_dir(str(missing))
   empty = tmp_path / 'empty'
   empty.mkdir()
   with pytest.raises(InputError, match=f'model_name_or_path.*{empty}.*config.json'):
-    hf.resolve_model_dir(str(empty))
-  assert hf.resolve_model_dir(str(empty), require_config=False) == empty.resolve()
+    hf_config.resolve_model_dir(str(empty))
+  assert hf_config.resolve_model_dir(str(empty), require_config=False) == empty.resolve()
   with pytest.raises(InputError, match='tokenizer_name_or_path'):
-    hf.resolve_model_dir(str(missing), field='tokenizer_name_or_path')
+    hf_config.resolve_model_dir(str(missing), field='tokenizer_name_or_path')
   with pytest.raises(InputError, match='is a file'):
-    hf.resolve_model_dir(str(tmp_path / 'config.json'))
+    hf_config.resolve_model_dir(str(tmp_path / 'config.json'))
 
 
 def test_unreachable_hub_id_raises_input_error():
   name = 'jaxsft-test-org/this-model-does-not-exist-8f3a1c'
   with pytest.raises(InputError, match=f'model_name_or_path.*{name}'):
-    hf.resolve_model_dir(name)
+    hf_config.resolve_model_dir(name)
 
 
 def test_read_hf_config_errors(tmp_path):
   with pytest.raises(InputError, match='config.json'):
-    hf.read_hf_config(tmp_path)
+    hf_config.read_hf_config(tmp_path)
   (tmp_path / 'config.json').write_text('{"model_type": ')
   with pytest.raises(InputError, match='config.json: malformed JSON'):
-    hf.read_hf_config(tmp_path)
+    hf_config.read_hf_config(tmp_path)
   (tmp_path / 'config.json').write_text('[1, 2]')
   with pytest.raises(InputError, match='config.json'):
-    hf.read_hf_config(tmp_path)
+    hf_config.read_hf_config(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,7 +237,7 @@ def test_unexpected_tensor_raises_but_tied_lm_head_is_ignored(tiny_hf):
 
 def test_bad_checkpoint_files_raise(tiny_hf, tmp_path):
   path = tiny_hf.save(tiny_hf.model('qwen2'))
-  cfg = hf.model_config_from_hf(hf.read_hf_config(path))
+  cfg = hf_config.model_config_from_hf(hf_config.read_hf_config(path))
   no_weights = tmp_path / 'no_weights'
   no_weights.mkdir()
   with pytest.raises(InputError, match='no model.safetensors or model.safetensors.index.json'):
@@ -260,7 +262,7 @@ def test_bad_checkpoint_files_raise(tiny_hf, tmp_path):
 @pytest.mark.parametrize('name', ['qwen2', 'qwen3', 'llama3', 'mistral', 'llama_tied', 'qwen2_sliding'])
 def test_import_then_export_reproduces_every_tensor(tiny_hf, tmp_path, name):
   source = tiny_hf.save(tiny_hf.model(name))
-  hf.save_pretrained(_ours(source), hf.read_hf_config(source), tmp_path)
+  hf.save_pretrained(_ours(source), hf_config.read_hf_config(source), tmp_path)
   original, exported = _st_tensors(source), _st_tensors(tmp_path)
   assert sorted(original) == sorted(exported)
   for key, value in original.items():
@@ -275,7 +277,7 @@ def test_export_names_its_transformers_class_even_when_the_config_does_not(tiny_
   import transformers  # pylint: disable=import-outside-toplevel
   hf_model = tiny_hf.model(name)
   source = tiny_hf.save(hf_model)
-  hf_cfg = hf.read_hf_config(source)
+  hf_cfg = hf_config.read_hf_config(source)
   hf_cfg.pop('architectures', None)
   hf.save_pretrained(_ours(source), hf_cfg, tmp_path)
   written = json.loads((tmp_path / 'config.json').read_text())
@@ -286,7 +288,7 @@ def test_export_names_its_transformers_class_even_when_the_config_does_not(tiny_
 def test_bfloat16_import_then_export_is_exact(tiny_hf, tmp_path):
   import torch  # pylint: disable=import-outside-toplevel
   source = tiny_hf.save(tiny_hf.model('llama3').to(torch.bfloat16))
-  hf.save_pretrained(_ours(source), hf.read_hf_config(source), tmp_path, dtype='bfloat16')
+  hf.save_pretrained(_ours(source), hf_config.read_hf_config(source), tmp_path, dtype='bfloat16')
   original, exported = _st_tensors(source), _st_tensors(tmp_path)
   assert sorted(original) == sorted(exported)
   for key, value in original.items():
@@ -302,7 +304,7 @@ def test_saved_model_loads_in_transformers_with_same_logits(tiny_hf, tmp_path, n
   source = tiny_hf.save(tiny_hf.model(name))
   ours = _ours(source)
   _perturb(ours, seed=1)
-  hf.save_pretrained(ours, hf.read_hf_config(source), tmp_path, max_shard_bytes=max_shard_bytes)
+  hf.save_pretrained(ours, hf_config.read_hf_config(source), tmp_path, max_shard_bytes=max_shard_bytes)
   files = sorted(p.name for p in tmp_path.iterdir())
   if max_shard_bytes < 2**20:
     shards = [f for f in files if f.startswith('model-')]
@@ -337,7 +339,7 @@ def test_save_bfloat16_loads_in_transformers(tiny_hf, tmp_path):
   import transformers  # pylint: disable=import-outside-toplevel
   source = tiny_hf.save(tiny_hf.model('mistral'))
   ours = _ours(source)
-  hf.save_pretrained(ours, hf.read_hf_config(source), tmp_path, dtype='bfloat16')
+  hf.save_pretrained(ours, hf_config.read_hf_config(source), tmp_path, dtype='bfloat16')
   config = json.loads((tmp_path / 'config.json').read_text())
   assert config['dtype'] == config['torch_dtype'] == 'bfloat16'
   theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -350,7 +352,7 @@ def test_save_bfloat16_loads_in_transformers(tiny_hf, tmp_path):
 
 def test_save_replaces_earlier_weights_and_leaves_no_temporary_files(tiny_hf, tmp_path):
   source = tiny_hf.save(tiny_hf.model('qwen2'))
-  ours, hf_cfg = _ours(source), hf.read_hf_config(source)
+  ours, hf_cfg = _ours(source), hf_config.read_hf_config(source)
   (tmp_path / 'tokenizer.json').write_text('{}')  # Other files are left alone.
   hf.save_pretrained(ours, hf_cfg, tmp_path, max_shard_bytes=60_000)
   assert hf.INDEX_FILE in {p.name for p in tmp_path.iterdir()}
@@ -401,18 +403,18 @@ def test_read_slice_reads_exactly_the_block(tmp_path, monkeypatch, dtype):
 def test_read_block_equals_the_converted_tensor_sliced(tiny_hf, name):
   """Every parameter's block, mapped through the HF layout (transpose, head split), equals today's conversion."""
   path = tiny_hf.save(tiny_hf.model(name))
-  cfg = hf.model_config_from_hf(hf.read_hf_config(path), param_dtype='bfloat16')
+  cfg = hf_config.model_config_from_hf(hf_config.read_hf_config(path), param_dtype='bfloat16')
   reader = hf.safetensors_io.open_checkpoint(path)
   rng = np.random.RandomState(1)
   count = 0
   for param_path, variable in nnx.to_flat_state(nnx.state(hf.abstract_model(cfg), nnx.Param)):
-    tensor_name = hf._hf_name(param_path)  # pylint: disable=protected-access
+    tensor_name = hf_layout.hf_name(param_path)  # pylint: disable=protected-access
     shape = tuple(variable.shape)
-    whole = hf._from_hf(param_path, reader.get(tensor_name), shape)  # pylint: disable=protected-access
+    whole = hf_layout.from_hf(param_path, reader.get(tensor_name), shape)  # pylint: disable=protected-access
     for _ in range(4):
       ranges = _random_ranges(rng, shape)
       index = tuple(slice(a, b) for a, b in ranges)
-      got = hf.read_block(reader, tensor_name, param_path, shape, index, np.dtype(variable.dtype))
+      got = hf_layout.read_block(reader, tensor_name, param_path, shape, index, np.dtype(variable.dtype))
       assert got.dtype == ml_dtypes.bfloat16 and got.shape == tuple(b - a for a, b in ranges)
       np.testing.assert_array_equal(got, whole[index].astype(ml_dtypes.bfloat16), err_msg=str(param_path))
       count += 1
@@ -426,7 +428,7 @@ def _mesh_1():
 
 def test_sharded_load_on_one_device_equals_plain_load_and_checks_the_shardings_tree(tiny_hf):
   path = tiny_hf.save(tiny_hf.model('qwen2'))
-  cfg = hf.model_config_from_hf(hf.read_hf_config(path))
+  cfg = hf_config.model_config_from_hf(hf_config.read_hf_config(path))
   mesh = _mesh_1()
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('fsdp'))
   params = nnx.state(hf.abstract_model(cfg), nnx.Param)
@@ -451,7 +453,7 @@ def test_sharded_load_still_validates_the_checkpoint(tiny_hf, tmp_path):
   tensors = {k: v.numpy() for k, v in tensors.items() if k != 'model.norm.weight'}
   safetensors_io.write_file(tmp_path / hf.SINGLE_FILE, tensors)
   (tmp_path / 'config.json').write_text((source / 'config.json').read_text())
-  cfg = hf.model_config_from_hf(hf.read_hf_config(tmp_path))
+  cfg = hf_config.model_config_from_hf(hf_config.read_hf_config(tmp_path))
   sharding = jax.sharding.NamedSharding(_mesh_1(), jax.sharding.PartitionSpec())
   shardings = jax.tree.map(lambda _: sharding, nnx.state(hf.abstract_model(cfg), nnx.Param))
   with pytest.raises(InputError, match="'model.norm.weight' is missing"):

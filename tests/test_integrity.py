@@ -5,11 +5,9 @@ changed file names it, falls back to the newest one that verifies and reproduces
 with none left it stops with one line and changes nothing; the export refuses a corrupted checkpoint.
 """
 
-import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,8 +15,8 @@ import pytest
 from jaxsft import integrity
 from tests.helpers import models
 from tests.helpers import processes
+from tests.helpers import runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 
 pytestmark = pytest.mark.slow
@@ -26,13 +24,10 @@ pytestmark = pytest.mark.slow
 
 def _train(inputs, out) -> subprocess.CompletedProcess:
   model_dir, data = inputs
-  argv = [sys.executable, '-m', 'jaxsft.train', '--config', 'configs/sft.py', f'--config.model_name_or_path={model_dir}',
-          f'--config.dataset_name={data}', f'--config.output_dir={out}', '--config.bf16=false',
-          '--config.gradient_checkpointing=false', '--config.max_length=128', '--config.per_device_train_batch_size=2',
-          '--config.gradient_accumulation_steps=2', '--config.logging_steps=1', '--config.disable_tqdm=true',
-          f'--config.max_steps={STEPS}', '--config.save_steps=2', '--config.learning_rate=1e-3', '--config.seed=5']
-  return subprocess.run(argv, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), text=True, capture_output=True,
-                        timeout=300, check=False)
+  return runs.train_cli(model_name_or_path=model_dir, dataset_name=data, output_dir=out, bf16=False,
+                        gradient_checkpointing=False, max_length=128, per_device_train_batch_size=2,
+                        gradient_accumulation_steps=2, logging_steps=1, disable_tqdm=True, max_steps=STEPS,
+                        save_steps=2, learning_rate=1e-3, seed=5)
 
 
 @pytest.fixture(scope='module')
@@ -75,14 +70,10 @@ def _largest_state_file(step_dir):
 
 
 def _rows(out) -> list[dict]:
-  keys = ('step', 'loss', 'grad_norm', 'learning_rate', 'num_tokens')
-  return [{k: r[k] for k in keys} for r in map(json.loads, (out / 'metrics.jsonl').read_text().splitlines())
-          if 'loss' in r]
+  return runs.exact(runs.metrics(out), keys=('step', 'loss', 'grad_norm', 'learning_rate', 'num_tokens'))
 
 
-def _weights(out) -> dict:
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-  return load_file(str(out / 'hf' / 'model.safetensors'))
+_weights = runs.hf_weights
 
 
 def test_a_corrupted_newest_checkpoint_falls_back_and_reproduces_the_run(reference, tmp_path):
@@ -121,9 +112,7 @@ def test_export_refuses_a_corrupted_checkpoint(reference, tmp_path):
   _, ref = reference
   out = _interrupted_copy(ref, tmp_path, after=8)
   _flip(_largest_state_file(out / 'checkpoints' / '8'), count=1)
-  proc = subprocess.run([sys.executable, '-m', 'jaxsft.export', '--checkpoint', str(out), '--out',
-                         str(tmp_path / 'hf')], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), text=True,
-                        capture_output=True, timeout=300, check=False)
+  proc = runs.cli('jaxsft.export', '--checkpoint', out, '--out', tmp_path / 'hf')
   assert proc.returncode != 0 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
   (line,) = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
   assert '--checkpoint' in line and 'is corrupted: file state/' in line, line

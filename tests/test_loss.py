@@ -151,7 +151,7 @@ def test_chunked_train_step_temporaries_below_one_full_logits_array():
   batch, seq_len, vocab = 2, 1024, 32768
   cfg = transformer.ModelConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_layers=1,
                                 num_heads=2, num_kv_heads=1, head_dim=32)
-  graphdef, params, rest = nnx.split(hf.abstract_model(cfg), nnx.Param, ...)
+  graphdef, params = nnx.split(hf.abstract_model(cfg), nnx.Param)
   tx, _ = optim.make_optimizer(
       learning_rate=1e-3, lr_scheduler_type='constant', total_steps=10, warmup_steps=0, warmup_ratio=0.0,
       min_lr_rate=None, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0)
@@ -161,7 +161,7 @@ def test_chunked_train_step_temporaries_below_one_full_logits_array():
   inv = jax.ShapeDtypeStruct((), jnp.float32)
 
   def temp_bytes(chunk_size):
-    step = step_lib.TrainStep(graphdef, rest, tx, chunk_size)
+    step = step_lib.TrainStep(graphdef, tx, chunk_size)
     return step.lower('step', state, abstract_batch, inv).compile().memory_analysis().temp_size_in_bytes
 
   full_logits_bytes = batch * seq_len * vocab * 4

@@ -6,15 +6,13 @@ arrays), and the parameter bytes per device fall as 1/fsdp.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from tests.helpers import models
 from tests.helpers import processes
+from tests.helpers import runs as runs_lib
 
 pytestmark = pytest.mark.slow
 MESHES = [{'data': 1, 'fsdp': 8, 'tensor': 1}, {'data': 1, 'fsdp': 4, 'tensor': 2}, {'data': 2, 'fsdp': 4, 'tensor': 1}]
@@ -23,11 +21,8 @@ MESHES = [{'data': 1, 'fsdp': 8, 'tensor': 1}, {'data': 1, 'fsdp': 4, 'tensor': 
 def _run(root, name: str, num_devices: int, model_dir: str, data_file: str, meshes) -> list[dict]:
   out = root / name
   out.mkdir()
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
-  env['PYTHONPATH'] = os.pathsep.join([os.getcwd(), env.get('PYTHONPATH', '')])
-  proc = subprocess.run([sys.executable, '-m', 'tests.helpers.mesh_run', str(num_devices), model_dir, data_file,
-                         str(out), *map(json.dumps, meshes)], env=env, capture_output=True, text=True,
-                        timeout=600, check=False)
+  proc = runs_lib.cli('tests.helpers.mesh_run', num_devices, model_dir, data_file, out, *map(json.dumps, meshes),
+                      env=runs_lib.environment(XLA_FLAGS=''), timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads((out / 'result.json').read_text())
 

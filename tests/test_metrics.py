@@ -2,8 +2,6 @@
 and the device prefetcher that feeds the training loop."""
 
 import dataclasses
-import json
-import os
 import threading
 import time
 import types
@@ -16,9 +14,11 @@ import pytest
 from jaxsft import config as config_lib
 from jaxsft import metrics
 from jaxsft import sharding
-from jaxsft import trainer
 from jaxsft.models import attention
+from jaxsft.models import hf
+from jaxsft.models import hf_config
 from jaxsft.models import transformer
+from tests.helpers import runs
 
 # Qwen2.5-7B's config.json: hidden 3584, intermediate 18944, 28 layers, 28 heads, 4 kv heads, head_dim
 # 3584 / 28 = 128, vocabulary 152064, untied lm_head.
@@ -94,11 +94,10 @@ def test_train_step_reports_attended_keys_of_its_batch():
   """TrainStep built with the layers' windows returns the batch's attended keys; without them, no such key."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from jaxsft import optim, step as step_lib  # pylint: disable=import-outside-toplevel
-  from jaxsft.models import hf  # pylint: disable=import-outside-toplevel
 
   cfg = transformer.ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
                                 num_kv_heads=1, head_dim=8, sliding_windows=(None, 3))
-  graphdef, params, rest = nnx.split(hf.init_random(cfg, 0), nnx.Param, ...)
+  graphdef, params = nnx.split(hf.init_random(cfg, 0), nnx.Param)
   tx, _ = optim.make_optimizer(
       learning_rate=1e-3, lr_scheduler_type='constant', total_steps=2, warmup_steps=0, warmup_ratio=0.0,
       min_lr_rate=None, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0)
@@ -110,11 +109,11 @@ def test_train_step_reports_attended_keys_of_its_batch():
     copy = jax.tree.map(jnp.copy, params)
     return {'params': copy, 'opt_state': tx.init(copy)}
 
-  step = step_lib.TrainStep(graphdef, rest, tx, 16, attention_windows=metrics.layer_windows(cfg))
+  step = step_lib.TrainStep(graphdef, tx, 16, attention_windows=metrics.layer_windows(cfg))
   _, sums = step.step(state(), batch, jnp.float32(0.1))
   want = sum(int(np.asarray(attention.make_mask(segment_ids, w))[:, 0][segment_ids > 0].sum()) for w in (None, 3))
   assert float(sums['attended_keys']) == want
-  _, sums = step_lib.TrainStep(graphdef, rest, tx, 16).step(state(), batch, jnp.float32(0.1))
+  _, sums = step_lib.TrainStep(graphdef, tx, 16).step(state(), batch, jnp.float32(0.1))
   assert 'attended_keys' not in sums
 
 
@@ -216,7 +215,7 @@ def test_prefetcher_runs_ahead_on_its_thread_and_reports_the_consumed_state():
   """Batches arrive as global device arrays, in order, built on the background thread `depth` steps ahead of the
   consumer; the state yielded with each step is the loader's after *that* step (what a checkpoint saves)."""
   loader = _FakeLoader(6)
-  prefetcher = trainer.Prefetcher(loader, _mesh(), depth=2)
+  prefetcher = runs.Prefetcher(loader, _mesh(), depth=2)
   # Nothing consumed yet: the thread has filled the queue (2) and built one more step it waits to enqueue.
   assert _wait_for(lambda: loader.next == 3)
   time.sleep(0.2)
@@ -234,13 +233,13 @@ def test_prefetcher_runs_ahead_on_its_thread_and_reports_the_consumed_state():
 
 
 def test_prefetcher_raises_the_loaders_error_in_order_and_close_stops_the_thread():
-  prefetcher = trainer.Prefetcher(_FakeLoader(10, fail_at=2), _mesh(), depth=4)
+  prefetcher = runs.Prefetcher(_FakeLoader(10, fail_at=2), _mesh(), depth=4)
   assert [element['step'] for element, _, _ in (next(prefetcher), next(prefetcher))] == [0, 1]
   with pytest.raises(ValueError, match='bad row in step 2'):
     next(prefetcher)
   prefetcher.close()
 
-  prefetcher = trainer.Prefetcher(_FakeLoader(100), _mesh(), depth=1)
+  prefetcher = runs.Prefetcher(_FakeLoader(100), _mesh(), depth=1)
   next(prefetcher)
   prefetcher.close()
   assert not prefetcher._thread.is_alive()  # pylint: disable=protected-access
@@ -251,7 +250,7 @@ def test_prefetcher_raises_the_loaders_error_in_order_and_close_stops_the_thread
 def test_prefetcher_without_a_thread_loads_each_step_when_asked():
   """depth=0: nothing runs ahead; the loader is iterated on the caller's thread, the results are the same."""
   loader = _FakeLoader(3)
-  prefetcher = trainer.Prefetcher(loader, _mesh(), depth=0)
+  prefetcher = runs.Prefetcher(loader, _mesh(), depth=0)
   time.sleep(0.1)
   assert loader.next == 0
   element, (batch,), state = next(prefetcher)
@@ -280,27 +279,25 @@ def test_training_rows_carry_timings_rates_and_mfu(tiny_run_inputs, monkeypatch)
   not in step_time; on CPU mfu is None and peak_memory_gib absent, and with a peak FLOP/s given the MFU
   lies between 6·N·tokens and 6·N·tokens + the full-row attention bound."""
   root, model_dir, data_dir = tiny_run_inputs
-  evaluate = trainer.evaluate
 
-  def slow_evaluate(*args, **kwargs):
-    time.sleep(EVAL_SLEEP)
-    return evaluate(*args, **kwargs)
+  def slowed(evaluate):
+    def slow_evaluate(*args, **kwargs):
+      time.sleep(EVAL_SLEEP)
+      return evaluate(*args, **kwargs)
+    return slow_evaluate
 
-  monkeypatch.setattr(trainer, 'evaluate', slow_evaluate)
+  slow_evals = runs.patch_eval_loss(monkeypatch, slowed)
 
   def run(out, **overrides):
-    config = config_lib.base_config()
-    config.update(dict(model_name_or_path=model_dir, dataset_name=data_dir, output_dir=str(out), bf16=False,
-                       gradient_checkpointing=False, disable_tqdm=True, max_length=128, packing=True,
-                       per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=6, logging_steps=2,
-                       eval_strategy='steps', eval_steps=3.0, save_steps=0, dataset_cache_dir=str(root / 'cache')))
-    config.update(overrides)
-    config.lock()
-    trainer.run(config)
-    with open(os.path.join(out, 'metrics.jsonl'), encoding='utf-8') as f:
-      return [json.loads(line) for line in f]
+    return runs.metrics(runs.train(**{
+        **dict(model_name_or_path=model_dir, dataset_name=data_dir, output_dir=out, bf16=False,
+               gradient_checkpointing=False, disable_tqdm=True, max_length=128, packing=True,
+               per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=6, logging_steps=2,
+               eval_strategy='steps', eval_steps=3.0, save_steps=0, dataset_cache_dir=root / 'cache'),
+        **overrides}))
 
   rows = [r for r in run(root / 'cpu') if 'loss' in r]
+  assert slow_evals, 'the eval-loss pass trainer.run called was not the slowed one'  # (runs.patch_eval_loss)
   assert [r['step'] for r in rows] == [2, 4, 6]
   first = rows[0]
   assert 0 < first['compile_seconds'] <= first['first_step_seconds']
@@ -319,7 +316,7 @@ def test_training_rows_carry_timings_rates_and_mfu(tiny_run_inputs, monkeypatch)
   monkeypatch.setattr(metrics, 'peak_flops_per_device', lambda device=None: peak)
   rows = [r for r in run(root / 'with-peak', max_steps=2, eval_strategy='no', logging_steps=2) if 'loss' in r]
   row = rows[0]
-  cfg = trainer.model_config(config_lib.base_config(), trainer.hf.read_hf_config(model_dir))
+  cfg = runs.model_config(config_lib.base_config(), hf_config.read_hf_config(model_dir))
   tokens = row['all_tokens_per_second'] * row['step_time']  # Step 2's non-padding tokens.
   flops = row['mfu'] * peak * jax.device_count() * row['step_time']
   matmul = 6 * metrics.matmul_params(cfg) * tokens

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from jaxsft.data import mixture as mixture_lib
-from jaxsft.data import sources
+from jaxsft.data import splits as splits_lib
 from jaxsft.errors import InputError
 
 datasets = pytest.importorskip('datasets')
@@ -118,12 +118,12 @@ def test_mixture_sizes_origins_and_columns(files):
 def test_load_splits_with_a_mixture(files, tmp_path):
   spec = _spec(files, [('a', {}), ('b', {'weight': 0.5})], test_split_size=10)
   kwargs = dict(dataset_name=None, dataset_config=None, dataset_train_split='train', dataset_test_split='test')
-  splits = sources.load_splits(dataset_mixture=spec, need_eval=True, **kwargs)
+  splits = splits_lib.load_splits(dataset_mixture=spec, need_eval=True, **kwargs)
   mixture = mixture_lib.load_mixture(spec)
   assert list(splits.train) == list(mixture['train']) and list(splits.eval) == list(mixture['test'])
   assert len(splits.eval) == 10 and splits.train_name == "mixture split 'train'"
   assert splits.eval_name == "mixture split 'test'"
-  splits = sources.load_splits(dataset_mixture=spec, need_eval=False, **kwargs)
+  splits = splits_lib.load_splits(dataset_mixture=spec, need_eval=False, **kwargs)
   assert splits.eval is None and splits.eval_name is None and len(splits.train) == 37 + 25 - 10
   # The same mixture from a YAML file, a JSON file, an open-r1 recipe and inline text.
   yaml_path = tmp_path / 'mixture.yaml'
@@ -136,7 +136,7 @@ def test_load_splits_with_a_mixture(files, tmp_path):
   recipe.write_text('learning_rate: 1.0e-5\ndataset_mixture:\n' + ''.join(
       f'  {line}\n' for line in yaml_path.read_text(encoding='utf-8').splitlines()), encoding='utf-8')
   for given in (str(yaml_path), str(json_path), str(recipe), json.dumps(spec)):
-    again = sources.load_splits(dataset_mixture=given, need_eval=True, **kwargs)
+    again = splits_lib.load_splits(dataset_mixture=given, need_eval=True, **kwargs)
     assert list(again.train) == list(mixture['train']) and list(again.eval) == list(mixture['test']), given
 
 
@@ -198,7 +198,7 @@ def test_load_splits_mixture_errors(files, tmp_path):
   def load(**kwargs):
     args = dict(dataset_name=None, dataset_config=None, dataset_train_split='train', dataset_test_split='test',
                 dataset_mixture=spec, need_eval=False)
-    return sources.load_splits(**{**args, **kwargs})
+    return splits_lib.load_splits(**{**args, **kwargs})
 
   with pytest.raises(InputError, match="'dataset_name' and 'dataset_mixture' are both set"):
     load(dataset_name=files['a'])

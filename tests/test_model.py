@@ -9,6 +9,8 @@ from flax import nnx
 from jaxsft.errors import InputError
 from jaxsft.models import attention
 from jaxsft.models import hf
+from jaxsft.models import hf_config
+from jaxsft.models import rope
 from jaxsft.models import transformer
 
 ATOL = 1e-4  # Max abs logit difference to transformers (float32 on CPU; logits are O(1)-O(10) here).
@@ -16,7 +18,7 @@ ATOL = 1e-4  # Max abs logit difference to transformers (float32 on CPU; logits 
 
 def _load(tiny_hf, hf_model, **cfg_overrides):
   path = tiny_hf.save(hf_model)
-  cfg = hf.model_config_from_hf(hf.read_hf_config(path), **cfg_overrides)
+  cfg = hf_config.model_config_from_hf(hf_config.read_hf_config(path), **cfg_overrides)
   return hf.load_pretrained(path, cfg)
 
 
@@ -51,7 +53,7 @@ def test_sliding_window_actually_limits_attention(tiny_hf):
   """The Mistral window (5) is shorter than the sequence: a full-attention model gives other logits."""
   hf_model = tiny_hf.model('mistral')
   path = tiny_hf.save(hf_model)
-  cfg = hf.model_config_from_hf(hf.read_hf_config(path))
+  cfg = hf_config.model_config_from_hf(hf_config.read_hf_config(path))
   assert cfg.sliding_windows == (5, 5)
   tokens, mask, positions = tiny_hf.batch('right')
   windowed = _logits(hf.load_pretrained(path, cfg), tokens, positions, mask)
@@ -131,12 +133,12 @@ def test_remat_full_gives_same_logits_and_gradients(tiny_hf):
   """
   hf_model = tiny_hf.model('qwen3')
   path = tiny_hf.save(hf_model)
-  hf_cfg = hf.read_hf_config(path)
+  hf_cfg = hf_config.read_hf_config(path)
   tokens, mask, positions = tiny_hf.batch('right')
   weights = jnp.asarray(np.random.RandomState(3).randn(*tokens.shape, tiny_hf.vocab_size), jnp.float32)
   results = []
   for remat in ('none', 'full'):
-    model = hf.load_pretrained(path, hf.model_config_from_hf(hf_cfg, remat=remat))
+    model = hf.load_pretrained(path, hf_config.model_config_from_hf(hf_cfg, remat=remat))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def forward(p, graphdef=graphdef, rest=rest):
@@ -156,7 +158,7 @@ def test_remat_full_gives_same_logits_and_gradients(tiny_hf):
 
 def test_remat_full_rematerialises(tiny_hf):
   """remat='full' puts a checkpoint (remat) per layer into the traced program; 'none' has none."""
-  cfg = hf.model_config_from_hf(tiny_hf.model('qwen2').config.to_dict())
+  cfg = hf_config.model_config_from_hf(tiny_hf.model('qwen2').config.to_dict())
   tokens = jnp.zeros((1, 4), jnp.int32)
 
   def grad_jaxpr(remat):
@@ -199,14 +201,14 @@ def test_rope_frequencies_equal_transformers(case):
         config)
   else:
     inv_freq, scaling = modeling_rope_utils.ROPE_INIT_FUNCTIONS[rope_type](config)
-  cfg = hf.model_config_from_hf({**config.to_dict(), 'model_type': 'llama'})
-  ours, our_scaling = transformer.rope_frequencies(cfg)
+  cfg = hf_config.model_config_from_hf({**config.to_dict(), 'model_type': 'llama'})
+  ours, our_scaling = rope.rope_frequencies(cfg)
   assert ours.dtype == np.float32
   # torch computes base ** x with a vectorised float32 pow that is not correctly rounded: within 1 ulp.
   np.testing.assert_array_max_ulp(ours, inv_freq.numpy(), maxulp=1)
   assert our_scaling == pytest.approx(scaling, rel=1e-12)
   if rope_type != 'default':
-    default, _ = transformer.rope_frequencies(transformer.ModelConfig(**{**cfg.__dict__, 'rope_scaling': None}))
+    default, _ = rope.rope_frequencies(transformer.ModelConfig(**{**cfg.__dict__, 'rope_scaling': None}))
     assert not np.array_equal(ours, default)  # The scaling did something.
 
 
@@ -262,7 +264,7 @@ _AXES = {
 @pytest.mark.parametrize('name', ['llama3', 'qwen3', 'llama_tied'])
 def test_every_parameter_has_logical_axis_names(tiny_hf, name):
   path = tiny_hf.save(tiny_hf.model(name))
-  cfg = hf.model_config_from_hf(hf.read_hf_config(path))
+  cfg = hf_config.model_config_from_hf(hf_config.read_hf_config(path))
   abstract = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0)))
   for model in (abstract, hf.load_pretrained(path, cfg)):
     seen = set()
@@ -292,7 +294,7 @@ def test_hidden_states_times_unembedding_are_the_logits(tiny_hf, name):
 
 def test_model_builds_without_a_mesh_and_under_one(tiny_hf):
   """Logical names are metadata only: building needs no mesh or axis rules, nor fails under a mesh."""
-  cfg = hf.model_config_from_hf(tiny_hf.model('qwen2').config.to_dict())
+  cfg = hf_config.model_config_from_hf(tiny_hf.model('qwen2').config.to_dict())
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ('data', 'fsdp', 'tensor'),
                            axis_types=(jax.sharding.AxisType.Auto,) * 3)
   with jax.set_mesh(mesh):
@@ -302,7 +304,7 @@ def test_model_builds_without_a_mesh_and_under_one(tiny_hf):
 
 
 def test_init_random_is_seeded_and_hf_like(tiny_hf):
-  cfg = hf.model_config_from_hf(tiny_hf.model('llama3').config.to_dict())
+  cfg = hf_config.model_config_from_hf(tiny_hf.model('llama3').config.to_dict())
   a, b, c = hf.init_random(cfg, 0), hf.init_random(cfg, 0), hf.init_random(cfg, 1)
   ta, tb, tc = hf.to_hf_tensors(a), hf.to_hf_tensors(b), hf.to_hf_tensors(c)
   assert all(np.array_equal(ta[k], tb[k]) for k in ta)
@@ -321,7 +323,7 @@ def test_bfloat16_compute_matches_transformers_in_bfloat16(tiny_hf):
   hf_model = tiny_hf.model('qwen3')
   hf_model = hf_model.to(torch.bfloat16).to(torch.float32)  # Weights exactly representable in bfloat16.
   path = tiny_hf.save(hf_model)
-  model = hf.load_pretrained(path, hf.model_config_from_hf(hf.read_hf_config(path), dtype='bfloat16'))
+  model = hf.load_pretrained(path, hf_config.model_config_from_hf(hf_config.read_hf_config(path), dtype='bfloat16'))
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
   tokens, mask, positions = tiny_hf.batch('right')
   hidden = model.hidden_states(jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),

@@ -40,12 +40,12 @@ def _single_process(data_file: str):
   from jaxsft import sharding
   from jaxsft.data import index as index_lib
   from jaxsft.data import pipeline
-  from jaxsft.data import sources
+  from jaxsft.data import splits as splits_lib
 
   tokenizer = transformers.AutoTokenizer.from_pretrained(
       os.path.join(os.path.dirname(sharding.__file__), 'assets', 'tiny'))
-  source = sources.load_splits(dataset_name=data_file, dataset_config=None, dataset_train_split='train',
-                               dataset_test_split=None, need_eval=False).train
+  source = splits_lib.load_splits(dataset_name=data_file, dataset_config=None, dataset_train_split='train',
+                                  dataset_test_split=None, need_eval=False).train
   options = index_lib.Options(fmt='messages', max_length=96, assistant_only_loss=True, completion_only_loss=None,
                               dataset_text_field='text')
   index = index_lib.build_index(source, tokenizer, options, skip_bad_rows=False)

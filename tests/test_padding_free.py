@@ -23,6 +23,7 @@ from jaxsft.data import synthetic
 from tests import test_checkpoint as ckpt
 from tests.helpers import models
 from tests.helpers import processes
+from tests.helpers import runs
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'jaxsft', 'assets', 'tiny')
 
@@ -93,9 +94,8 @@ UNPACKED = dict(packing=False, max_length=256, per_device_train_batch_size=4, gr
 @pytest.mark.slow
 def test_training_follows_the_unpacked_run_and_resumes_bitwise(setup, monkeypatch):
   root = setup[0]
-  from jaxsft import trainer  # pylint: disable=import-outside-toplevel
-  trainer.run(ckpt.make_config(setup, root / 'unpacked', **UNPACKED))
-  trainer.run(ckpt.make_config(setup, root / 'free', padding_free=True, **UNPACKED))
+  runs.run(ckpt.make_config(setup, root / 'unpacked', **UNPACKED))
+  runs.run(ckpt.make_config(setup, root / 'free', padding_free=True, **UNPACKED))
   unpacked, free = ckpt.exact(ckpt.metrics(root / 'unpacked')), ckpt.exact(ckpt.metrics(root / 'free'))
   assert [r['step'] for r in free] == [r['step'] for r in unpacked]
   assert free[-1]['loss'] < free[0]['loss'] - 0.3  # A real curve.
@@ -108,10 +108,10 @@ def test_training_follows_the_unpacked_run_and_resumes_bitwise(setup, monkeypatc
 
   out = root / 'free_interrupted'
   with monkeypatch.context() as patch:
-    ckpt.interrupt_at(patch, ckpt.INTERRUPT_AT, signal.SIGTERM)
-    with pytest.raises(trainer.Preempted):
-      trainer.run(ckpt.make_config(setup, out, padding_free=True, **UNPACKED))
+    runs.interrupt_at(patch, ckpt.INTERRUPT_AT, signal.SIGTERM)
+    with pytest.raises(runs.Preempted):
+      runs.run(ckpt.make_config(setup, out, padding_free=True, **UNPACKED))
   assert checkpoint.latest_step(str(out)) == ckpt.INTERRUPT_AT
-  trainer.run(ckpt.make_config(setup, out, padding_free=True, **UNPACKED))
+  runs.run(ckpt.make_config(setup, out, padding_free=True, **UNPACKED))
   assert ckpt.exact(ckpt.metrics(out)) == free  # Bitwise.
   ckpt.assert_same_weights(ckpt.weights(out), ckpt.weights(root / 'free'))

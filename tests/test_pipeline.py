@@ -176,7 +176,7 @@ def test_plan_rows_hold_every_kept_row_once(tokenizer, pack):
   assert sorted(plan.bins.members.tolist()) == list(range(30))
   for r in range(len(plan)):
     members = plan.bins.bin(r)
-    assert plan.num_tokens[r] == index.lengths[members].sum() <= 96
+    assert plan.num_input_tokens[r] == index.lengths[members].sum() <= 96
     assert plan.num_targets[r] == index.num_targets[members].sum()
   if pack:
     assert len(plan) < 30 and plan.efficiency > 0.8

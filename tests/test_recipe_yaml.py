@@ -19,6 +19,7 @@ from configs import from_yaml
 from configs import olympic_coder_7b
 from configs import r1_distill
 from jaxsft import config as config_lib
+from jaxsft import fields
 from jaxsft import recipe
 from jaxsft.errors import InputError
 
@@ -97,6 +98,26 @@ def test_the_mapping_tables_use_trl_and_open_r1_names():
   assert sorted(tables - known) == []
   assert sorted(set(recipe.JAXSFT_ONLY_FIELDS) & known) == []
   assert set(recipe.RECIPE_FIELDS) | set(recipe.JAXSFT_ONLY_FIELDS) == set(config_lib.base_config())
+
+
+def test_each_field_origin_is_real():
+  """A registry field whose origin is a TRL class is a field of that class (or an older TRL name), one whose
+  origin is open-r1 is an open-r1 addition, and a jaxsft-only one is neither (jaxsft/fields.py)."""
+  from trl import ModelConfig, ScriptArguments, SFTConfig  # pylint: disable=import-outside-toplevel
+  classes = {fields.SFT_CONFIG: SFTConfig, fields.SCRIPT_ARGUMENTS: ScriptArguments, fields.MODEL_CONFIG: ModelConfig}
+  names = {origin: {f.name for f in dataclasses.fields(cls)} for origin, cls in classes.items()}
+  everything = set().union(*names.values()) | set(OPEN_R1_FIELDS) | set(OLDER_TRL_FIELDS)
+  wrong = []
+  for field in fields.FIELDS:
+    if field.origin in classes:
+      ok = field.name in names[field.origin] or field.name in OLDER_TRL_FIELDS
+    elif field.origin == fields.OPEN_R1:
+      ok = field.name in OPEN_R1_FIELDS
+    else:
+      ok = field.origin == fields.JAXSFT and field.name.split('.')[0] not in everything
+    if not ok:
+      wrong.append((field.name, field.origin))
+  assert not wrong, wrong
 
 
 @pytest.mark.parametrize('mapping,field', [

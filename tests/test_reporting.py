@@ -20,11 +20,10 @@ import zlib
 import numpy as np
 import pytest
 
-from jaxsft import config as config_lib
 from jaxsft import reporting
-from jaxsft import trainer
 from jaxsft.errors import InputError
 from tests.helpers import processes
+from tests.helpers import runs as runs_lib
 
 MAX_STEPS = 4
 
@@ -98,9 +97,7 @@ def _series(acc, tag: str) -> list[tuple[int, float]]:
   return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
-def _metrics(out) -> list[dict]:
-  with open(os.path.join(str(out), 'metrics.jsonl'), encoding='utf-8') as f:
-    return [json.loads(line) for line in f]
+_metrics = runs_lib.metrics
 
 
 def _expected(rows: list[dict], key: str) -> list[tuple[int, float]]:
@@ -136,23 +133,20 @@ def inputs(tmp_path_factory):
 
 def _config(inputs, out, **overrides):
   root, model_dir, data_dir = inputs
-  config = config_lib.base_config()
-  config.update(dict(model_name_or_path=model_dir, dataset_name=data_dir, output_dir=str(out), bf16=False,
-                     gradient_checkpointing=False, disable_tqdm=True, max_length=128, packing=True,
-                     per_device_train_batch_size=2, per_device_eval_batch_size=4, max_steps=MAX_STEPS,
-                     logging_steps=1, save_steps=0, eval_generation_prompts=0, learning_rate=1e-3,
-                     dataset_cache_dir=str(root / 'cache')))
-  config.update(overrides)
-  config.lock()
-  return config
+  return runs_lib.config(**{**dict(model_name_or_path=model_dir, dataset_name=data_dir, output_dir=out, bf16=False,
+                               gradient_checkpointing=False, disable_tqdm=True, max_length=128, packing=True,
+                               per_device_train_batch_size=2, per_device_eval_batch_size=4, max_steps=MAX_STEPS,
+                               logging_steps=1, save_steps=0, eval_generation_prompts=0, learning_rate=1e-3,
+                               dataset_cache_dir=root / 'cache'),
+                        **overrides})
 
 
 @pytest.fixture(scope='module')
 def reported_run(inputs, wandb_offline):
   """One run to TensorBoard and W&B, with the progress bar on, evaluating at steps 2 and 4."""
   out = inputs[0] / 'reported'
-  trainer.run(_config(inputs, out, report_to='tensorboard,wandb', eval_strategy='steps', eval_steps=2.0,
-                      disable_tqdm=False))
+  runs_lib.run(_config(inputs, out, report_to='tensorboard,wandb', eval_strategy='steps', eval_steps=2.0,
+                   disable_tqdm=False))
   return out
 
 
@@ -191,7 +185,7 @@ def test_wandb_offline_run_holds_the_same_history_and_config(reported_run):
   assert run.run_id == (reported_run / reporting.WANDB_ID_FILE).read_text().strip()
   assert run.project == 'jaxsft' and run.display_name == 'reported'
   config = {item.key: json.loads(item.value_json) for item in run.config.update}
-  resolved = json.loads((reported_run / 'config.json').read_text())
+  resolved = runs_lib.config_json(reported_run)
   assert config['max_steps'] == MAX_STEPS and config['resolved'] == resolved['resolved']
   history = got['history']
   assert [(s, h['train/loss']) for s, h in sorted(history.items()) if 'train/loss' in h] == \
@@ -211,25 +205,22 @@ def test_resumed_run_purges_tensorboard_and_continues_the_wandb_run(inputs, wand
   step 3 is purged: without purge_step it would be there twice), and W&B continues the same run id."""
   out = inputs[0] / 'resumed'
   config = _config(inputs, out, report_to='tensorboard,wandb', save_steps=2)
-  original = trainer.Prefetcher.__next__
 
-  def die_before_step_4(self):
-    item = original(self)
-    if item[2]['step'] == 4:  # The loader state after step 4: the loop is about to run it.
+  def die_before_step_4(step):
+    if step == 4:  # The loop is about to run step 4.
       raise RuntimeError('killed')
-    return item
 
   with monkeypatch.context() as patch:
-    patch.setattr(trainer.Prefetcher, '__next__', die_before_step_4)
+    runs_lib.on_step(patch, die_before_step_4)
     with pytest.raises(RuntimeError, match='killed'):
-      trainer.run(config)
+      runs_lib.run(config)
   assert [r['step'] for r in _metrics(out)] == [1, 2, 3]
   (first_file,) = glob.glob(str(out / 'tensorboard' / '*tfevents*'))
   assert [s for s, _ in _series(_events(first_file), 'train/loss')] == [1, 2, 3]  # Step 3 is there to purge.
   (first_wandb,) = _wandb_files(out)
   assert _wandb_run(first_wandb)['exit_code'] == 1
 
-  trainer.run(config)
+  runs_lib.run(config)
   rows = _metrics(out)
   assert [r['step'] for r in rows] == [1, 2, 3, 4]
   assert len(glob.glob(str(out / 'tensorboard' / '*tfevents*'))) == 2
@@ -249,7 +240,7 @@ def test_resumed_run_purges_tensorboard_and_continues_the_wandb_run(inputs, wand
 def test_report_to_none_writes_neither_tensorboard_nor_wandb(inputs):
   """The default: metrics.jsonl only; no tensorboard directory, no wandb directory, no W&B run id."""
   out = inputs[0] / 'none'
-  trainer.run(_config(inputs, out, max_steps=1))
+  runs_lib.run(_config(inputs, out, max_steps=1))
   assert [r['step'] for r in _metrics(out)] == [1]
   assert not (out / 'tensorboard').exists() and not (out / 'wandb').exists()
   assert not (out / reporting.WANDB_ID_FILE).exists()
@@ -257,17 +248,14 @@ def test_report_to_none_writes_neither_tensorboard_nor_wandb(inputs):
 
 def _cheap_config(tmp_path, **overrides):
   """A config that passes validation; nothing behind it is ever loaded (the checks under test fail first)."""
-  config = config_lib.base_config()
-  config.update(dict(model_name_or_path=str(tmp_path), dataset_name='unused', output_dir=str(tmp_path / 'out')))
-  config.update(overrides)
-  config.lock()
-  return config
+  return runs_lib.config(**{**dict(model_name_or_path=tmp_path, dataset_name='unused', output_dir=tmp_path / 'out'),
+                        **overrides})
 
 
 def test_unknown_integration_is_a_config_error(tmp_path):
   """A name outside tensorboard / wandb is config_lib.validate's one-line error naming it."""
   with pytest.raises(InputError, match=r"config field 'report_to' names 'comet'; expected 'none', 'all'"):
-    trainer.run(_cheap_config(tmp_path, report_to='tensorboard,comet'))
+    runs_lib.run(_cheap_config(tmp_path, report_to='tensorboard,comet'))
 
 
 @pytest.mark.parametrize('name, module', [('wandb', 'wandb'), ('tensorboard', 'tensorboardX')])
@@ -276,7 +264,7 @@ def test_missing_package_is_one_line_before_anything_runs(tmp_path, monkeypatch,
   one-line error naming the field, the package and the extra to install."""
   monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError.
   with pytest.raises(InputError) as e:
-    trainer.run(_cheap_config(tmp_path, report_to=f'tensorboard,{name}' if name == 'wandb' else name))
+    runs_lib.run(_cheap_config(tmp_path, report_to=f'tensorboard,{name}' if name == 'wandb' else name))
   assert str(e.value) == (f"config field 'report_to' names {name!r} but the {module} package is not installed "
                           f"(pip install 'jaxsft[{name}]')")
   assert not (tmp_path / 'out').exists()
@@ -295,7 +283,7 @@ def test_wandb_without_credentials_fails_at_once_instead_of_prompting(tmp_path, 
   wandb.teardown()
   try:
     with pytest.raises(InputError) as e:
-      trainer.run(_cheap_config(tmp_path, report_to='wandb'))
+      runs_lib.run(_cheap_config(tmp_path, report_to='wandb'))
     message = str(e.value)
     assert message.startswith("config field 'report_to' names 'wandb' but no W&B credentials found")
     assert '`wandb login`' in message and 'WANDB_MODE=offline' in message and '\n' not in message

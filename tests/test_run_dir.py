@@ -10,15 +10,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
 from tests.helpers import models
 from tests.helpers import processes
+from tests.helpers import runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = runs.ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -30,21 +30,22 @@ def inputs(tmp_path_factory):
   return model_dir, processes.write_synthetic_jsonl(root / 'train.jsonl', 32, seed=4)
 
 
-def _argv(inputs, out, *overrides) -> list[str]:
+def _fields(inputs, out) -> dict:
   model_dir, data = inputs
-  return [sys.executable, '-m', 'jaxsft.train', '--config', 'configs/sft.py', f'--config.model_name_or_path={model_dir}',
-          f'--config.dataset_name={data}', f'--config.output_dir={out}', '--config.bf16=false',
-          '--config.gradient_checkpointing=false', '--config.max_length=128', '--config.per_device_train_batch_size=2',
-          '--config.logging_steps=1', '--config.disable_tqdm=true', *overrides]
+  return dict(model_name_or_path=model_dir, dataset_name=data, output_dir=out, bf16=False,
+              gradient_checkpointing=False, max_length=128, per_device_train_batch_size=2, logging_steps=1,
+              disable_tqdm=True)
 
 
-def _env() -> dict:
-  return dict(os.environ, JAX_PLATFORMS='cpu')
+def _argv(inputs, out, *overrides) -> list[str]:
+  return runs.train_argv('configs/sft.py', *overrides, **_fields(inputs, out))
+
+
+_env = runs.environment
 
 
 def _run(inputs, out, *overrides, timeout=300) -> subprocess.CompletedProcess:
-  return subprocess.run(_argv(inputs, out, *overrides), cwd=ROOT, env=_env(), text=True, capture_output=True,
-                        timeout=timeout, check=False)
+  return runs.train_cli('configs/sft.py', *overrides, timeout=timeout, **_fields(inputs, out))
 
 
 def _one_error(proc, *needles) -> str:
@@ -81,7 +82,7 @@ def test_a_second_run_on_a_live_directory_is_refused_in_seconds(inputs, tmp_path
   finally:
     if first.poll() is None:
       first.kill()
-  steps = [json.loads(line)['step'] for line in (out / 'metrics.jsonl').read_text().splitlines()]
+  steps = [r['step'] for r in runs.metrics(out)]
   assert steps and len(steps) == len(set(steps)), steps
   assert not (out / '.lock').exists()  # Released when the run ended.
 

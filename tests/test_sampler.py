@@ -1,4 +1,4 @@
-"""Tests for the KV-cache sampler (jaxsft.generate.sample), its CLI and eval_generations.
+"""Tests for the KV-cache sampler (jaxsft.sampler.sample), its CLI and eval_generations.
 
 The tiny models come from tests/conftest.py (`tiny_hf`): O(1)-scale random weights, so greedy choices are
 not near-ties (see test_cached_greedy_equals_uncached for why that matters in bf16).
@@ -17,9 +17,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxsft import evals
 from jaxsft import generate
+from jaxsft import sampler
+from jaxsft import tokenizer as tokenizer_lib
 from jaxsft.errors import InputError
 from jaxsft.models import hf
+from jaxsft.models import hf_config
 
 ASSETS = os.path.join(os.path.dirname(generate.__file__), 'assets', 'tiny')
 NEW_TOKENS = 12
@@ -28,7 +32,7 @@ PROMPT_LENGTHS = (5, 1, 13, 8, 3)  # 13 > the sliding windows (4, 5) of 'qwen2_s
 
 def _ours(tiny_hf, name: str, *, scan: bool, dtype: str = 'float32', **overrides):
   model_dir = tiny_hf.save(tiny_hf.model(name, **overrides))
-  cfg = hf.model_config_from_hf(hf.read_hf_config(model_dir), dtype=dtype, scan_layers=scan)
+  cfg = hf_config.model_config_from_hf(hf_config.read_hf_config(model_dir), dtype=dtype, scan_layers=scan)
   return hf.load_pretrained(model_dir, cfg), model_dir
 
 
@@ -70,13 +74,13 @@ def test_cached_greedy_equals_uncached(tiny_hf, name, scan, dtype):
   for x in cache.values():  # [L, B, S, K, H] in the compute dtype.
     assert x.shape == (cfg.num_layers, 8, 128, cfg.num_kv_heads, cfg.head_dim) and x.dtype == jnp.dtype(dtype)
   prompts = _prompts()
-  free = generate.greedy_generate(ours, prompts, max_new_tokens=NEW_TOKENS, eos_ids=[], pad_id=0)
+  free = sampler.greedy_generate(ours, prompts, max_new_tokens=NEW_TOKENS, eos_ids=[], pad_id=0)
   assert [len(g) for g in free] == [NEW_TOKENS] * len(prompts)
-  assert free == generate.greedy_generate_uncached(ours, prompts, max_new_tokens=NEW_TOKENS, eos_ids=[], pad_id=0)
+  assert free == sampler.greedy_generate_uncached(ours, prompts, max_new_tokens=NEW_TOKENS, eos_ids=[], pad_id=0)
   # End-of-sequence ids that rows produce midway: those rows stop there, the others run on.
   eos_ids = [free[0][4], free[2][1]]
-  stopped = generate.greedy_generate(ours, prompts, max_new_tokens=NEW_TOKENS, eos_ids=eos_ids, pad_id=0)
-  assert stopped == generate.greedy_generate_uncached(ours, prompts, max_new_tokens=NEW_TOKENS, eos_ids=eos_ids,
+  stopped = sampler.greedy_generate(ours, prompts, max_new_tokens=NEW_TOKENS, eos_ids=eos_ids, pad_id=0)
+  assert stopped == sampler.greedy_generate_uncached(ours, prompts, max_new_tokens=NEW_TOKENS, eos_ids=eos_ids,
                                                       pad_id=0)
   assert len(stopped[0]) <= 4 and len(stopped[2]) <= 1
   for row, full in zip(stopped, free):  # Stopping truncates the same sequence, right before the eos id.
@@ -89,12 +93,12 @@ def test_rows_do_not_depend_on_the_batch_or_the_pad_id(tiny_hf):
   whatever fills the padding: the prompt padding slots of the cache are never attended to."""
   ours, _ = _ours(tiny_hf, 'qwen2_sliding', scan=True)
   prompts = _prompts(1, (7, 2, 16, 11, 4))
-  together = generate.greedy_generate(ours, prompts, max_new_tokens=8, eos_ids=[5], pad_id=0)
-  alone = [generate.greedy_generate(ours, [p], max_new_tokens=8, eos_ids=[5], pad_id=299)[0] for p in prompts]
+  together = sampler.greedy_generate(ours, prompts, max_new_tokens=8, eos_ids=[5], pad_id=0)
+  alone = [sampler.greedy_generate(ours, [p], max_new_tokens=8, eos_ids=[5], pad_id=299)[0] for p in prompts]
   assert together == alone
   kw = dict(max_new_tokens=8, eos_ids=[], temperature=1.0, top_p=0.9, seed=3)
-  first = generate.sample(ours, prompts, pad_id=0, **kw)[0]
-  assert first == generate.sample(ours, prompts[:1], pad_id=299, **kw)[0]
+  first = sampler.sample(ours, prompts, pad_id=0, **kw)[0]
+  assert first == sampler.sample(ours, prompts[:1], pad_id=299, **kw)[0]
 
 
 def test_sampling_seeds_and_a_tiny_top_p(tiny_hf):
@@ -103,29 +107,29 @@ def test_sampling_seeds_and_a_tiny_top_p(tiny_hf):
   ours, _ = _ours(tiny_hf, 'qwen2', scan=True)
   prompts = _prompts(2)
   kw = dict(max_new_tokens=NEW_TOKENS, eos_ids=[], pad_id=0)
-  greedy = generate.greedy_generate(ours, prompts, **kw)
-  assert generate.sample(ours, prompts, temperature=1.0, top_p=1e-6, seed=5, **kw) == greedy
-  draws = generate.sample(ours, prompts, temperature=1.5, seed=7, **kw)
-  assert draws == generate.sample(ours, prompts, temperature=1.5, seed=7, **kw)
-  assert draws != generate.sample(ours, prompts, temperature=1.5, seed=8, **kw)
+  greedy = sampler.greedy_generate(ours, prompts, **kw)
+  assert sampler.sample(ours, prompts, temperature=1.0, top_p=1e-6, seed=5, **kw) == greedy
+  draws = sampler.sample(ours, prompts, temperature=1.5, seed=7, **kw)
+  assert draws == sampler.sample(ours, prompts, temperature=1.5, seed=7, **kw)
+  assert draws != sampler.sample(ours, prompts, temperature=1.5, seed=8, **kw)
   assert draws != greedy
   assert all(0 <= t < 300 for row in draws for t in row) and [len(r) for r in draws] == [NEW_TOKENS] * 5
 
 
 def test_edge_cases_and_bad_arguments(tiny_hf):
   ours, _ = _ours(tiny_hf, 'llama_tied', scan=True)
-  assert generate.sample(ours, [], max_new_tokens=5, eos_ids=[1], pad_id=0) == []
-  assert generate.sample(ours, [[3, 4], [5]], max_new_tokens=0, eos_ids=[1], pad_id=0) == [[], []]
+  assert sampler.sample(ours, [], max_new_tokens=5, eos_ids=[1], pad_id=0) == []
+  assert sampler.sample(ours, [[3, 4], [5]], max_new_tokens=0, eos_ids=[1], pad_id=0) == [[], []]
   with pytest.raises(InputError, match='prompt 1 is empty'):
-    generate.sample(ours, [[3], []], max_new_tokens=5, eos_ids=[1], pad_id=0)
+    sampler.sample(ours, [[3], []], max_new_tokens=5, eos_ids=[1], pad_id=0)
   with pytest.raises(InputError, match='temperature'):
-    generate.sample(ours, [[3]], max_new_tokens=5, eos_ids=[1], pad_id=0, temperature=-1.0)
+    sampler.sample(ours, [[3]], max_new_tokens=5, eos_ids=[1], pad_id=0, temperature=-1.0)
   with pytest.raises(InputError, match='top_p'):
-    generate.sample(ours, [[3]], max_new_tokens=5, eos_ids=[1], pad_id=0, temperature=1.0, top_p=0.0)
+    sampler.sample(ours, [[3]], max_new_tokens=5, eos_ids=[1], pad_id=0, temperature=1.0, top_p=0.0)
   # One new token; and a row whose first generated token is an end-of-sequence id yields nothing.
-  first = generate.sample(ours, [[3, 4]], max_new_tokens=1, eos_ids=[], pad_id=0)[0]
+  first = sampler.sample(ours, [[3, 4]], max_new_tokens=1, eos_ids=[], pad_id=0)[0]
   assert len(first) == 1
-  assert generate.sample(ours, [[3, 4]], max_new_tokens=4, eos_ids=first, pad_id=0) == [[]]
+  assert sampler.sample(ours, [[3, 4]], max_new_tokens=4, eos_ids=first, pad_id=0) == [[]]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,11 +152,11 @@ def test_nucleus_mask_is_transformers_top_p():
   rng = np.random.default_rng(0)
   logits = rng.normal(0, 3, (64, 50)).astype(np.float32)
   for top_p in (1e-4, 0.1, 0.5, 0.9, 0.99):
-    ours = np.asarray(generate.nucleus_mask(jnp.asarray(logits), top_p))
+    ours = np.asarray(sampler.nucleus_mask(jnp.asarray(logits), top_p))
     theirs = np.isfinite(_hf_warped(logits, 1.0, top_p))
     np.testing.assert_array_equal(ours, theirs, err_msg=f'top_p {top_p}')
     assert ours.sum(axis=1).min() >= 1
-  assert np.asarray(generate.nucleus_mask(jnp.asarray(logits), 1e-4)).sum() == 64  # Only the argmax is kept.
+  assert np.asarray(sampler.nucleus_mask(jnp.asarray(logits), 1e-4)).sum() == 64  # Only the argmax is kept.
 
 
 @pytest.mark.parametrize('temperature,top_p', [(0.7, 0.8), (1.3, 1.0)])
@@ -169,9 +173,9 @@ def test_draw_frequencies_match_the_nucleus_distribution(temperature, top_p):
   n = 40000
   logits_V = np.array([2.0, 1.6, 1.5, 0.9, 0.5, 0.0, -0.3, -1.0, -2.0, -4.0], np.float32)
   expected_V = jax.nn.softmax(jnp.asarray(_hf_warped(logits_V[None], temperature, top_p)[0])).__array__()
-  mode = generate.sampling_mode(temperature, top_p)
-  keys_N = generate.step_keys(np.uint32(11), n, 3)
-  draws = generate.draw_tokens(jnp.broadcast_to(jnp.asarray(logits_V), (n, logits_V.size)), keys_N,
+  mode = sampler.sampling_mode(temperature, top_p)
+  keys_N = sampler.step_keys(np.uint32(11), n, 3)
+  draws = sampler.draw_tokens(jnp.broadcast_to(jnp.asarray(logits_V), (n, logits_V.size)), keys_N,
                                np.float32(temperature), np.float32(top_p), mode=mode)
   freq_V = np.bincount(np.asarray(draws), minlength=logits_V.size) / n
 
@@ -194,8 +198,8 @@ def test_default_sampling_and_eos_ids_follow_generation_config():
   assert generate.default_sampling({'do_sample': True, 'temperature': 0.6, 'top_p': 0.95}) == (0.6, 0.95)
   assert generate.default_sampling({'do_sample': True}) == (1.0, 1.0)
   tokenizer = transformers.AutoTokenizer.from_pretrained(ASSETS)
-  assert generate.eos_ids_of(tokenizer, {}) == [tokenizer.eos_token_id]
-  assert generate.eos_ids_of(tokenizer, {'eos_token_id': [7, 2]}) == sorted({7, 2, tokenizer.eos_token_id})
+  assert tokenizer_lib.eos_ids(tokenizer, {}) == [tokenizer.eos_token_id]
+  assert tokenizer_lib.eos_ids(tokenizer, {'eos_token_id': [7, 2]}) == sorted({7, 2, tokenizer.eos_token_id})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,7 +212,7 @@ def test_eval_generations_builds_prompts_from_each_row_format():
   import transformers  # pylint: disable=import-outside-toplevel
   from jaxsft.data import sources  # pylint: disable=import-outside-toplevel
   tokenizer = transformers.AutoTokenizer.from_pretrained(ASSETS)
-  model = hf.init_random(hf.model_config_from_hf(hf.read_hf_config(ASSETS), scan_layers=True), seed=0)
+  model = hf.init_random(hf_config.model_config_from_hf(hf_config.read_hf_config(ASSETS), scan_layers=True), seed=0)
   conversation = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Tom has 3 apples.'},
                   {'role': 'assistant', 'content': 'Yes.'}, {'role': 'user', 'content': 'How many now?'},
                   {'role': 'assistant', 'content': 'The answer is 3.'}]
@@ -222,7 +226,7 @@ def test_eval_generations_builds_prompts_from_each_row_format():
       {'messages': [{'role': 'user', 'content': 'never reached'}, {'role': 'assistant', 'content': '.'}]},
   ]
   source = sources.RowList(rows, 'test', 'eval')
-  out = generate.eval_generations(model, tokenizer, source, num_prompts=3, max_new_tokens=5, temperature=0.0,
+  out = evals.eval_generations(model, tokenizer, source, num_prompts=3, max_new_tokens=5, temperature=0.0,
                                   top_p=1.0, seed=0, max_prompt_tokens=64)
   assert [(o['prompt'], o['reference']) for o in out] == [
       ('How many now?', 'The answer is 3.'), ('Anna has 4 pens.', ' She has 4.'),
@@ -233,10 +237,10 @@ def test_eval_generations_builds_prompts_from_each_row_format():
                                          return_dict=True)['input_ids']
 
   prompts = [chat(conversation[:4]), tokenizer('Anna has 4 pens.')['input_ids'], chat(rows[4]['prompt'])]
-  direct = generate.sample(model, prompts, max_new_tokens=5, eos_ids=[tokenizer.eos_token_id],
+  direct = sampler.sample(model, prompts, max_new_tokens=5, eos_ids=[tokenizer.eos_token_id],
                            pad_id=tokenizer.pad_token_id)
   assert [o['generated'] for o in out] == [tokenizer.decode(ids, skip_special_tokens=False) for ids in direct]
-  assert generate.eval_generations(model, tokenizer, sources.RowList(rows[:1], 'test', 'eval'), num_prompts=2,
+  assert evals.eval_generations(model, tokenizer, sources.RowList(rows[:1], 'test', 'eval'), num_prompts=2,
                                    max_new_tokens=5, temperature=0.0, top_p=1.0, seed=0,
                                    max_prompt_tokens=64) == []
 
@@ -261,8 +265,8 @@ def test_cli_equals_transformers_generate_on_an_exported_model(tiny_hf, tmp_path
   from jaxsft import export  # pylint: disable=import-outside-toplevel
   tokenizer = transformers.AutoTokenizer.from_pretrained(ASSETS)
   ours, model_dir = _ours(tiny_hf, 'qwen2', scan=True, vocab_size=576)
-  out_dir = export.write_hf_dir(ours, hf.read_hf_config(model_dir), tokenizer,
-                                export.generation_config(str(model_dir), tokenizer), tmp_path / 'hf', dtype='float32')
+  out_dir = export.write_hf_dir(ours, hf_config.read_hf_config(model_dir), tokenizer,
+                                tokenizer_lib.generation_config(str(model_dir), tokenizer), tmp_path / 'hf', dtype='float32')
   questions = ['What is 3 plus 4?', 'Tom has 12 apples and gives 5 to Anna. How many are left?']
   proc = subprocess.run([sys.executable, '-m', 'jaxsft.generate', '--model', out_dir, '--system', 'Be brief.',
                          '--max_new_tokens', '16', '--json'] + [f'--prompt={q}' for q in questions],
@@ -328,21 +332,21 @@ def test_mesh_greedy_equals_single_device(tiny_hf, tmp_path):
 
 def _mesh_child(model_dir: str, out_path: str) -> None:
   from jaxsft import sharding  # pylint: disable=import-outside-toplevel
-  cfg = hf.model_config_from_hf(hf.read_hf_config(model_dir), scan_layers=True)
+  cfg = hf_config.model_config_from_hf(hf_config.read_hf_config(model_dir), scan_layers=True)
   prompts = _prompts(3, (9, 4, 17, 1, 6))
   kw = dict(max_new_tokens=10, eos_ids=[], pad_id=0)
-  single = generate.greedy_generate(hf.load_pretrained(model_dir, cfg), prompts, **kw)
+  single = sampler.greedy_generate(hf.load_pretrained(model_dir, cfg), prompts, **kw)
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 4, 'tensor': 2})
   shardings = sharding.param_shardings(nnx.state(hf.abstract_model(cfg), nnx.Param), mesh)
   graphdef, params, rest = nnx.split(hf.load_pretrained(model_dir, cfg, shardings=shardings), nnx.Param, ...)
   model = nnx.merge(graphdef, params, rest)  # As the trainer rebuilds it from its state.
   with jax.set_mesh(mesh):
-    meshed = generate.greedy_generate(model, prompts, **kw)
+    meshed = sampler.greedy_generate(model, prompts, **kw)
     graphdef, state = nnx.split(model)
     tokens = jax.device_put(np.ones((8, 32), np.int32), sharding.batch_sharding(mesh))
     lengths = jax.device_put(np.full((8,), 3, np.int32), sharding.batch_sharding(mesh))
-    _, cache = generate._prefill(graphdef, state, tokens, lengths, np.uint32(0), np.float32(1), np.float32(1),
-                                 cache_len=128, mode=generate.GREEDY)  # pylint: disable=protected-access
+    _, cache = sampler._prefill(graphdef, state, tokens, lengths, np.uint32(0), np.float32(1), np.float32(1),
+                                 cache_len=128, mode=sampler.GREEDY)  # pylint: disable=protected-access
   q_spec = list(params['layers']['self_attn']['q_proj']['kernel'].get_value().sharding.spec)
   with open(out_path, 'w', encoding='utf-8') as f:
     json.dump({'devices': len(jax.devices()), 'single': single, 'meshed': meshed, 'q_proj_spec': q_spec,

@@ -25,6 +25,9 @@ from flax import nnx
 
 from jaxsft import sharding
 from jaxsft.models import hf
+from jaxsft.models import hf_config
+from jaxsft.models import hf_layout
+from jaxsft.models import remat
 from jaxsft.models import safetensors_io
 from jaxsft.models import transformer
 from tests.helpers import models as models_helper
@@ -115,9 +118,9 @@ def test_scanned_model_loads_the_same_weights_and_gives_the_same_loss_and_gradie
   """
   hf_model = tiny_hf.model(name)
   path = tiny_hf.save(hf_model)
-  hf_cfg = hf.read_hf_config(path)
-  unscanned = hf.load_pretrained(path, hf.model_config_from_hf(hf_cfg, remat=remat))
-  scanned = hf.load_pretrained(path, hf.model_config_from_hf(hf_cfg, remat=remat, scan_layers=True))
+  hf_cfg = hf_config.read_hf_config(path)
+  unscanned = hf.load_pretrained(path, hf_config.model_config_from_hf(hf_cfg, remat=remat))
+  scanned = hf.load_pretrained(path, hf_config.model_config_from_hf(hf_cfg, remat=remat, scan_layers=True))
   stacked = dict(nnx.to_flat_state(nnx.state(scanned, nnx.Param)))
   assert stacked[('layers', 'mlp', 'up_proj', 'kernel')].shape[0] == unscanned.cfg.num_layers
   assert not any(isinstance(p[1], int) for p in stacked if p[0] == 'layers')  # Really stacked.
@@ -145,8 +148,8 @@ def test_export_of_a_scanned_model_reproduces_every_hf_tensor(tiny_hf, tmp_path,
   to_hf_tensors lists them in the unscanned model's order (so the file layout does not depend on scan)."""
   hf_model = tiny_hf.model(name)
   path = tiny_hf.save(hf_model)
-  hf_cfg = hf.read_hf_config(path)
-  scanned = hf.load_pretrained(path, hf.model_config_from_hf(hf_cfg, scan_layers=True))
+  hf_cfg = hf_config.read_hf_config(path)
+  scanned = hf.load_pretrained(path, hf_config.model_config_from_hf(hf_cfg, scan_layers=True))
   out = tmp_path / 'export'
   hf.save_pretrained(scanned, hf_cfg, out, max_shard_bytes=40_000)  # Several shards: the index too.
   reader = safetensors_io.open_checkpoint(out)
@@ -156,7 +159,7 @@ def test_export_of_a_scanned_model_reproduces_every_hf_tensor(tiny_hf, tmp_path,
   assert sorted(reader.names()) == sorted(original)
   for key, value in original.items():
     np.testing.assert_array_equal(reader.get(key), value, err_msg=key)
-  unscanned = hf.load_pretrained(path, hf.model_config_from_hf(hf_cfg))
+  unscanned = hf.load_pretrained(path, hf_config.model_config_from_hf(hf_cfg))
   assert list(hf.to_hf_tensors(scanned)) == list(hf.to_hf_tensors(unscanned))
 
 
@@ -245,7 +248,7 @@ def test_every_remat_policy_gives_the_gradients_of_none(scan):
   cfg = _cfg(_REMAT_CFG, num_layers=2, sliding_windows=(None, 8), scan_layers=scan)
   weights = nnx.state(hf.init_random(cfg, 0))
   results = {}
-  for policy in transformer.REMAT_POLICIES:
+  for policy in remat.REMAT_POLICIES:
     graphdef = nnx.graphdef(hf.abstract_model(_cfg(cfg, remat=policy)))
     model = nnx.merge(graphdef, weights)
     assert model.cfg.remat == policy
@@ -311,7 +314,7 @@ def test_remat_policies_order_the_memory_the_backward_pass_keeps():
   order = ['full', 'save_out_proj', 'save_qkv_proj', 'save_dot_except_mlp', 'save_dot_with_context_except_mlp',
            'minimal', 'minimal_with_context', 'none']
   for scan in (False, True):
-    lines = {p: _saved_residuals(_cfg(_REMAT_CFG, remat=p, scan_layers=scan)) for p in transformer.REMAT_POLICIES}
+    lines = {p: _saved_residuals(_cfg(_REMAT_CFG, remat=p, scan_layers=scan)) for p in remat.REMAT_POLICIES}
     device = {p: _residual_bytes(lines[p]) for p in lines}
     sizes = [device[p] for p in order]
     assert sizes == sorted(set(sizes)), (scan, dict(zip(order, sizes)))  # Strictly increasing.
@@ -334,7 +337,7 @@ def test_unknown_remat_policy_is_refused_naming_the_choices():
   with pytest.raises(InputError, match="model.remat.*'dots'.*minimal_with_context"):
     _cfg(_REMAT_CFG, remat='dots')
   with pytest.raises(InputError, match='model.remat'):
-    transformer.remat_policy('dots')
+    remat.remat_policy('dots')
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,7 +399,7 @@ def _worker_sharded_load(spec_file: str) -> None:
   safetensors_io.Reader.read_slice = recording_read_slice
   checked = []
   for model_dir, expected_file in spec['models']:
-    cfg = hf.model_config_from_hf(hf.read_hf_config(model_dir), scan_layers=True)
+    cfg = hf_config.model_config_from_hf(hf_config.read_hf_config(model_dir), scan_layers=True)
     reference = _unstacked(nnx.state(hf.load_pretrained(model_dir, cfg), nnx.Param))
     shardings = sharding.param_shardings(nnx.state(hf.abstract_model(cfg), nnx.Param), mesh)
     wanted = {path: v.get_value() for path, v in nnx.to_flat_state(shardings)}
@@ -418,7 +421,7 @@ def _worker_sharded_load(spec_file: str) -> None:
         block_size //= cfg.num_layers
       else:
         names = [path]
-      for name in (hf._hf_name(p) for p in names):  # pylint: disable=protected-access
+      for name in (hf_layout.hf_name(p) for p in names):  # pylint: disable=protected-access
         # One read per distinct block, of exactly that block's slice of this (layer's) tensor.
         assert sorted(read_by_name.pop(name)) == [block_size] * len(blocks), (name, len(blocks))
       split += len(blocks) > 1

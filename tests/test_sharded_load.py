@@ -70,6 +70,8 @@ def _worker_correctness(spec_file: str) -> None:
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from jaxsft import sharding  # pylint: disable=import-outside-toplevel
   from jaxsft.models import hf  # pylint: disable=import-outside-toplevel
+  from jaxsft.models import hf_config  # pylint: disable=import-outside-toplevel
+  from jaxsft.models import hf_layout  # pylint: disable=import-outside-toplevel
 
   assert jax.device_count() == 8, jax.devices()
   with open(spec_file, encoding='utf-8') as f:
@@ -78,7 +80,7 @@ def _worker_correctness(spec_file: str) -> None:
   checked = []
   for model_dir, expected_file in spec['models']:
     expected = np.load(expected_file)
-    cfg = hf.model_config_from_hf(hf.read_hf_config(model_dir))
+    cfg = hf_config.model_config_from_hf(hf_config.read_hf_config(model_dir))
     reference = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(
         nnx.state(hf.load_pretrained(model_dir, cfg), nnx.Param))}
     for rules_name, rules in (('A', RULES_A), ('B', RULES_B)):
@@ -100,7 +102,7 @@ def _worker_correctness(spec_file: str) -> None:
       np.testing.assert_allclose(logits[mask], expected['logits'][mask], rtol=0, atol=ATOL)
       checked.append(f'{model_dir}:{rules_name}:{split}')
   # init_random: same values as the unsharded init, each array with the requested sharding.
-  cfg = hf.model_config_from_hf(hf.read_hf_config(spec['models'][0][0]))
+  cfg = hf_config.model_config_from_hf(hf_config.read_hf_config(spec['models'][0][0]))
   shardings, wanted = _param_shardings(hf.abstract_model(cfg), mesh, RULES_B)
   plain = dict(nnx.to_flat_state(nnx.state(hf.init_random(cfg, 3), nnx.Param)))
   for path, variable in nnx.to_flat_state(nnx.state(hf.init_random(cfg, 3, shardings=shardings), nnx.Param)):
@@ -132,8 +134,10 @@ def _worker_memory(model_dir: str, mode: str, port: str = '0', process_id: str =
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from jaxsft import sharding  # pylint: disable=import-outside-toplevel
   from jaxsft.models import hf  # pylint: disable=import-outside-toplevel
+  from jaxsft.models import hf_config  # pylint: disable=import-outside-toplevel
+  from jaxsft.models import hf_layout  # pylint: disable=import-outside-toplevel
 
-  cfg = hf.model_config_from_hf(hf.read_hf_config(model_dir))
+  cfg = hf_config.model_config_from_hf(hf_config.read_hf_config(model_dir))
   shardings = None
   if mode == 'sharded':
     assert jax.device_count() == 8 and jax.local_device_count() == 2
@@ -164,15 +168,17 @@ def test_sharded_load_on_8_devices_matches_unsharded_and_transformers(tiny_hf, t
 def _write_big_checkpoint(model_dir) -> int:
   """A ~300 MB float32 Llama checkpoint written tensor by tensor (constant values: only sizes matter here)."""
   from jaxsft.models import hf  # pylint: disable=import-outside-toplevel
+  from jaxsft.models import hf_config  # pylint: disable=import-outside-toplevel
+  from jaxsft.models import hf_layout  # pylint: disable=import-outside-toplevel
   from jaxsft.models import safetensors_io  # pylint: disable=import-outside-toplevel
   hf_cfg = dict(model_type='llama', vocab_size=16384, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                 num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=False)
   model_dir.mkdir()
   (model_dir / 'config.json').write_text(json.dumps(hf_cfg))
-  abstract = hf.abstract_model(hf.model_config_from_hf(hf_cfg))
+  abstract = hf.abstract_model(hf_config.model_config_from_hf(hf_cfg))
   from flax import nnx  # pylint: disable=import-outside-toplevel
   # pylint: disable-next=protected-access
-  tensors = {hf._hf_name(p): np.broadcast_to(np.float32(0.01), hf._hf_shape(p, tuple(v.shape)))
+  tensors = {hf_layout.hf_name(p): np.broadcast_to(np.float32(0.01), hf_layout.hf_shape(p, tuple(v.shape)))
              for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
   safetensors_io.write_file(model_dir / safetensors_io.SINGLE_FILE, tensors)  # Materialises one tensor at a time.
   return sum(v.size * 4 for v in tensors.values())

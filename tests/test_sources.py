@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jaxsft.data import sources
+from jaxsft.data import splits as splits_lib
 from jaxsft.errors import InputError
 
 ROWS = [{'messages': [{'role': 'user', 'content': f'q{i}'}, {'role': 'assistant', 'content': f'a{i}'}]}
@@ -19,8 +20,8 @@ ROWS = [{'messages': [{'role': 'user', 'content': f'q{i}'}, {'role': 'assistant'
 
 
 def _load(name, *, need_eval=False, split='train', test_split='test', config=None) -> sources.Splits:
-  return sources.load_splits(dataset_name=str(name), dataset_config=config, dataset_train_split=split,
-                             dataset_test_split=test_split, need_eval=need_eval)
+  return splits_lib.load_splits(dataset_name=str(name), dataset_config=config, dataset_train_split=split,
+                                dataset_test_split=test_split, need_eval=need_eval)
 
 
 def _write_jsonl(path, lines: list[str]) -> str:

@@ -12,6 +12,7 @@ import transformers
 
 from jaxsft.data import synthetic
 from jaxsft.errors import InputError
+from jaxsft.models import hf_config
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 ASSETS = os.path.join(ROOT, 'jaxsft', 'assets', 'tiny')
@@ -227,14 +228,13 @@ def test_generation_prompt_is_a_prefix_of_the_conversation(tokenizer, default_sp
 
 
 def test_model_and_generation_configs(tokenizer):
-  from jaxsft.models import hf
-  hf_cfg = hf.read_hf_config(ASSETS)
+  hf_cfg = hf_config.read_hf_config(ASSETS)
   assert hf_cfg['model_type'] == 'qwen2' and hf_cfg['tie_word_embeddings'] is True
   assert hf_cfg['vocab_size'] % 64 == 0 and len(tokenizer) <= hf_cfg['vocab_size'] < len(tokenizer) + 64
   assert hf_cfg['max_position_embeddings'] == 512
   assert hf_cfg['rope_parameters']['rope_theta'] == 10000.0
   assert hf_cfg['eos_token_id'] == tokenizer.convert_tokens_to_ids('<|im_end|>')
-  cfg = hf.model_config_from_hf(hf_cfg)
+  cfg = hf_config.model_config_from_hf(hf_cfg)
   assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == (128, 4, 4, 2)
   assert cfg.tie_word_embeddings and cfg.qkv_bias
   generation = transformers.GenerationConfig.from_pretrained(ASSETS)
@@ -255,7 +255,8 @@ def test_shipped_assets_are_what_the_script_builds(tmp_path):
 
 
 def test_evaluate_accuracy_scores_exact_matches(tokenizer, monkeypatch):
-  from jaxsft import generate
+  from jaxsft import evals
+  from jaxsft import sampler
   problems = synthetic.held_out_problems(6, 0)
   header = tokenizer.convert_tokens_to_ids(['<|im_start|>', 'assistant'])
   calls = []
@@ -273,8 +274,8 @@ def test_evaluate_accuracy_scores_exact_matches(tokenizer, monkeypatch):
       outputs.append(tokenizer(body, add_special_tokens=False)['input_ids'])
     return outputs
 
-  monkeypatch.setattr(generate, 'greedy_generate', fake_generate)
-  accuracy, samples = synthetic.evaluate_accuracy('MODEL', tokenizer, problems, max_new_tokens=17, batch_size=4)
+  monkeypatch.setattr(sampler, 'greedy_generate', fake_generate)
+  accuracy, samples = evals.evaluate_accuracy('MODEL', tokenizer, problems, max_new_tokens=17, batch_size=4)
   want = np.mean([int(e) % 2 == 0 for _, e in problems])
   assert 0 < want < 1 and accuracy == pytest.approx(want)
   assert len(calls) == 2 and calls[0][:2] == ('MODEL', 17)

@@ -2,14 +2,11 @@
 loads in transformers with jaxsft's logits."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import runs
 
 pytestmark = pytest.mark.slow
 
@@ -17,23 +14,19 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
   out = tmp_path_factory.mktemp('e2e') / 'run'
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  proc = subprocess.run(
-      [sys.executable, '-m', 'jaxsft.train', '--config', 'configs/tiny.py', f'--config.output_dir={out}',
-       '--config.max_steps=6', '--config.logging_steps=2', '--config.per_device_train_batch_size=8',
-       '--config.gradient_accumulation_steps=2', '--config.accuracy_eval_problems=4',
-       '--config.accuracy_eval_max_new_tokens=8', '--config.disable_tqdm=true'],
-      cwd=ROOT, env=env, text=True, capture_output=True, timeout=600, check=False)
+  proc = runs.train_cli('configs/tiny.py', output_dir=out, max_steps=6, logging_steps=2,
+                        per_device_train_batch_size=8, gradient_accumulation_steps=2, accuracy_eval_problems=4,
+                        accuracy_eval_max_new_tokens=8, disable_tqdm=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return out, proc
 
 
 def test_output_directory_contract(tiny_run):
   out, proc = tiny_run
-  config = json.loads((out / 'config.json').read_text())
+  config = runs.config_json(out)
   assert config['dataset_name'] == 'synthetic:arithmetic'
   assert config['resolved']['total_steps'] == 6
-  rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+  rows = runs.metrics(out)
   train_rows = [r for r in rows if 'loss' in r]
   assert [r['step'] for r in train_rows] == [2, 4, 6]
   for key in ('step', 'loss', 'learning_rate', 'grad_norm', 'num_tokens', 'tokens_per_second', 'mfu', 'epoch'):
@@ -52,6 +45,7 @@ def test_export_loads_in_transformers_with_same_logits(tiny_run):
   import torch
   import transformers
   from jaxsft.models import hf
+  from jaxsft.models import hf_config
 
   out, _ = tiny_run
   hf_dir = out / 'hf'
@@ -60,7 +54,7 @@ def test_export_loads_in_transformers_with_same_logits(tiny_run):
   assert generation['eos_token_id'] == tokenizer.convert_tokens_to_ids('<|im_end|>')
   ids = tokenizer.apply_chat_template([{'role': 'user', 'content': 'Ann has 3 apples and buys 4 more.'}],
                                       add_generation_prompt=True, return_dict=False)
-  ours_cfg = hf.model_config_from_hf(hf.read_hf_config(hf_dir))
+  ours_cfg = hf_config.model_config_from_hf(hf_config.read_hf_config(hf_dir))
   ours = hf.load_pretrained(hf_dir, ours_cfg)
   tokens = jnp.asarray([ids], jnp.int32)
   logits_ours = np.asarray(ours(tokens, jnp.arange(len(ids))[None], jnp.ones_like(tokens)))

@@ -11,15 +11,13 @@ once per split: the loss-curve and weight tests read the same runs.
 
 import dataclasses
 import json
-import os
 import pathlib
 
 import numpy as np
 import pytest
 
-from jaxsft import config as config_lib
-from jaxsft import trainer
 from tests.helpers import models
+from tests.helpers import runs
 
 NUM_ROWS = 16
 NUM_STEPS = 12
@@ -86,38 +84,17 @@ def _trl_run(model_dir, data_file, out_dir, batch, accumulation) -> TrlRun:
 
 
 def _train_jaxsft(model_dir, data_file, out_dir, batch, accumulation) -> None:
-  config = config_lib.base_config()
-  config.update(_settings(batch, accumulation))
-  config.model_name_or_path = model_dir
-  config.dataset_name = data_file
-  config.output_dir = str(out_dir)
-  config.bf16 = False
-  config.gradient_checkpointing = False
-  config.disable_tqdm = True
-  config.lock()
-  trainer.run(config)
+  runs.train(**_settings(batch, accumulation), model_name_or_path=model_dir, dataset_name=data_file,
+             output_dir=out_dir, bf16=False, gradient_checkpointing=False, disable_tqdm=True)
 
 
 def _jaxsft_losses(out_dir) -> list[float]:
-  with open(os.path.join(out_dir, 'metrics.jsonl'), encoding='utf-8') as f:
-    rows = [json.loads(line) for line in f]
-  losses = [row['loss'] for row in rows if 'loss' in row]
+  losses = runs.losses(out_dir)
   assert len(losses) == NUM_STEPS
   return losses
 
 
-def _read_safetensors_dir(directory) -> dict[str, np.ndarray]:
-  """Every tensor of every `*.safetensors` file in `directory` (one file or HF shards), by name."""
-  import safetensors.numpy
-
-  files = sorted(pathlib.Path(directory).glob('*.safetensors'))
-  assert files, f'no *.safetensors in {directory}'
-  tensors = {}
-  for file in files:
-    part = safetensors.numpy.load_file(str(file))
-    assert not set(part) & set(tensors), f'{file} repeats tensors {sorted(set(part) & set(tensors))}'
-    tensors.update(part)
-  return tensors
+_read_safetensors_dir = runs.weights  # Every tensor of every `*.safetensors` file of a directory, by name.
 
 
 @pytest.fixture(scope='module')

@@ -4,7 +4,7 @@ Three row formats (TRL's names and semantics):
 
 * `messages` (conversational language modeling): `apply_chat_template(messages)`; no eos is appended
   (the template ends turns). Every token is a loss token unless `assistant_only_loss`. ShareGPT-style
-  `conversations` rows (`from`/`value`) are converted to `messages` first, as TRL does.
+  `conversations` rows (`from`/`value`) are converted to `messages` first, as TRL does (`jaxsft.data.rows`).
 * `prompt_completion`: plain strings (the completion gets the eos token appended unless it already
   ends with it; prompt and prompt+completion are tokenized with the tokenizer's special tokens) or
   message lists (the prompt rendered with `add_generation_prompt=True`). The completion starts where
@@ -33,15 +33,15 @@ means token t is a training target (TRL's `labels[t] != -100`).
 import dataclasses
 import functools
 import inspect
-import json
 import re
 from collections.abc import Sequence
-from typing import Any
 
 import jinja2
 import numpy as np
 
+from jaxsft.data import rows as rows_lib
 from jaxsft.errors import InputError
+from jaxsft.errors import one_line
 
 MESSAGES = 'messages'
 PROMPT_COMPLETION = 'prompt_completion'
@@ -121,7 +121,7 @@ def _resolve_template(tokenizer, template_kwargs: dict) -> str | None:
   try:
     return tokenizer.get_chat_template(template_kwargs.get('chat_template'), template_kwargs.get('tools'))
   except ValueError as e:  # No chat template set.
-    raise InputError(f"config field 'chat_template': {_one_line(e)}") from None
+    raise InputError(f"config field 'chat_template': {one_line(e, 300)}") from None
 
 
 def _render(tokenizer, messages: list[dict], template_kwargs: dict, *, add_generation_prompt: bool) -> str:
@@ -289,15 +289,15 @@ def _rendered(row: dict, tokenizer, fmt: str, dataset_text_field: str, where: st
   Checks the row in `_tokenize`'s order, so a bad row raises the same InputError (before `_located`).
   """
   if fmt == TEXT:
-    return _with_eos(tokenizer, _column(row, dataset_text_field, where, str, 'a string'))
-  messages = row_messages(row, where)
-  kwargs = template_kwargs(row, where)
+    return _with_eos(tokenizer, rows_lib.column(row, dataset_text_field, where, str, 'a string'))
+  messages = rows_lib.row_messages(row, where)
+  kwargs = rows_lib.template_kwargs(row, where)
   if any(key != 'tools' and key in _chat_template_parameters() for key in kwargs):
     return None  # The row sets `tokenize`, `return_dict`, ... itself: only the real call is surely the same.
   try:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **kwargs)
   except (jinja2.TemplateError, TypeError, ValueError) as e:
-    raise InputError(f"{where}: column 'messages': the chat template failed ({_one_line(e)})") from None
+    raise InputError(f"{where}: column 'messages': the chat template failed ({one_line(e, 300)})") from None
 
 
 @functools.cache
@@ -352,19 +352,19 @@ def _tokenize(row: dict, tokenizer, *, fmt: str, assistant_only_loss: bool, comp
   if fmt == TEXT:
     if assistant_only_loss:
       raise _not_conversational(fmt)
-    text = _column(row, dataset_text_field, where, str, 'a string')
+    text = rows_lib.column(row, dataset_text_field, where, str, 'a string')
     return _encode(tokenizer, _with_eos(tokenizer, text)), []
 
   if fmt == MESSAGES:
-    messages = row_messages(row, where)
-    kwargs = template_kwargs(row, where)
+    messages = rows_lib.row_messages(row, where)
+    kwargs = rows_lib.template_kwargs(row, where)
     if assistant_only_loss:
       input_ids, mask = _masked_chat_ids(tokenizer, messages, kwargs, where, 'messages')
       return input_ids, [mask]
     return chat_ids(tokenizer, messages, kwargs, where, 'messages'), []
 
-  prompt = _column(row, 'prompt', where, (str, list), 'a string or a list of messages')
-  completion = _column(row, 'completion', where, (str, list), 'a string or a list of messages')
+  prompt = rows_lib.column(row, 'prompt', where, (str, list), 'a string or a list of messages')
+  completion = rows_lib.column(row, 'completion', where, (str, list), 'a string or a list of messages')
   if isinstance(prompt, str) != isinstance(completion, str):
     raise InputError(f"{where}: columns 'prompt' and 'completion' must both be strings or both be message "
                      f'lists, got {type(prompt).__name__} and {type(completion).__name__}')
@@ -375,9 +375,9 @@ def _tokenize(row: dict, tokenizer, *, fmt: str, assistant_only_loss: bool, comp
     prompt_ids = _encode(tokenizer, prompt)
     input_ids = _encode(tokenizer, prompt + _with_eos(tokenizer, completion))
   else:
-    prompt = _message_list(prompt, where, 'prompt')
-    completion = _message_list(completion, where, 'completion')
-    kwargs = template_kwargs(row, where)
+    prompt = rows_lib.message_list(prompt, where, 'prompt')
+    completion = rows_lib.message_list(completion, where, 'completion')
+    kwargs = rows_lib.template_kwargs(row, where)
     prompt_ids = chat_ids(tokenizer, prompt, kwargs, where, 'prompt', add_generation_prompt=True)
     if assistant_only_loss:
       input_ids, mask = _masked_chat_ids(tokenizer, prompt + completion, kwargs, where, 'prompt + completion')
@@ -403,7 +403,7 @@ def _masked_chat_ids(tokenizer, messages: list[dict], kwargs: dict, where: str,
   except InputError:
     raise
   except (jinja2.TemplateError, TypeError, ValueError) as e:
-    raise InputError(f'{where}: column {column!r}: the chat template failed ({_one_line(e)})') from None
+    raise InputError(f'{where}: column {column!r}: the chat template failed ({one_line(e, 300)})') from None
   if 1 not in mask:
     raise InputError(f"{where}: config field 'assistant_only_loss': the row has no assistant token (no "
                      'assistant message, or {% generation %} markers in the chat template that mark nothing)')
@@ -428,71 +428,8 @@ def chat_ids(tokenizer, messages: list[dict], kwargs: dict, where: str, column: 
     out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                         add_generation_prompt=add_generation_prompt, **kwargs)
   except (jinja2.TemplateError, TypeError, ValueError) as e:
-    raise InputError(f'{where}: column {column!r}: the chat template failed ({_one_line(e)})') from None
+    raise InputError(f'{where}: column {column!r}: the chat template failed ({one_line(e, 300)})') from None
   return list(out['input_ids'])
-
-
-def _column(row: dict, name: str, where: str, types, expected: str) -> Any:
-  if name not in row or row[name] is None:
-    raise InputError(f'{where}: missing column {name!r} (columns: {sorted(row)})')
-  value = row[name]
-  if not isinstance(value, types):
-    raise InputError(f'{where}: column {name!r} must be {expected}, got {type(value).__name__}')
-  return value
-
-
-def row_messages(row: dict, where: str) -> list[dict]:
-  """The row's message list; ShareGPT `conversations` (from/value) are converted as TRL does."""
-  if row.get('messages') is None and row.get('conversations') is not None:
-    raw = _column(row, 'conversations', where, list, 'a list of messages')
-    converted = []
-    for message in raw:
-      if isinstance(message, dict) and ('from' in message or 'value' in message):
-        message = dict(message)
-        if 'from' in message:
-          message['role'] = message.pop('from')
-        if 'value' in message:
-          message['content'] = message.pop('value')
-      converted.append(message)
-    return _message_list(converted, where, 'conversations')
-  return _message_list(_column(row, 'messages', where, list, 'a list of messages'), where, 'messages')
-
-
-def _message_list(messages: list, where: str, column: str) -> list[dict]:
-  if not isinstance(messages, list) or not messages:
-    raise InputError(f'{where}: column {column!r} must be a non-empty list of {{role, content}} messages')
-  for j, message in enumerate(messages):
-    if not isinstance(message, dict):
-      raise InputError(f'{where}: column {column!r} message {j} must be an object with role and content, '
-                       f'got {type(message).__name__}')
-    if not isinstance(message.get('role'), str):
-      raise InputError(f"{where}: column {column!r} message {j} needs a string 'role'")
-    content = message.get('content')
-    if not (isinstance(content, (str, list)) or (content is None and message.get('tool_calls'))):
-      raise InputError(f"{where}: column {column!r} message {j} needs a string 'content' "
-                       f'(got {type(content).__name__})')
-  return messages
-
-
-def template_kwargs(row: dict, where: str) -> dict:
-  """`tools` and `chat_template_kwargs` of a row, passed to the chat template as TRL does."""
-  kwargs = {}
-  tools = row.get('tools')
-  if isinstance(tools, str):
-    try:
-      tools = json.loads(tools)
-    except json.JSONDecodeError as e:
-      raise InputError(f"{where}: column 'tools': malformed JSON ({e})") from None
-  if tools is not None:
-    if not isinstance(tools, list):
-      raise InputError(f"{where}: column 'tools' must be a list of tool definitions")
-    kwargs['tools'] = tools
-  extra = row.get('chat_template_kwargs')
-  if extra is not None:
-    if not isinstance(extra, dict):
-      raise InputError(f"{where}: column 'chat_template_kwargs' must be an object")
-    kwargs.update(extra)
-  return kwargs
 
 
 def _common_prefix_length(ids: Sequence[int], other_ids: Sequence[int]) -> int:
@@ -502,7 +439,3 @@ def _common_prefix_length(ids: Sequence[int], other_ids: Sequence[int]) -> int:
       break
     length += 1
   return length
-
-
-def _one_line(e: Exception) -> str:
-  return ' '.join(str(e).split())[:300]

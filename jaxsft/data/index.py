@@ -237,10 +237,12 @@ def _terminate(pool: concurrent.futures.ProcessPoolExecutor, timeout: float = 5.
     terminate_workers()
     return
   processes = list((getattr(pool, '_processes', None) or {}).values())  # pylint: disable=protected-access
-  pool.shutdown(wait=False, cancel_futures=True)
   for process in processes:
     if process.is_alive():
       process.terminate()
+  # The pool's manager thread sees its workers die and reaps them itself: waiting for it (not racing it with our
+  # own waitpid, which then finds no child and leaves a reaped worker looking alive) is what leaves none behind.
+  pool.shutdown(wait=True, cancel_futures=True)
   for process in processes:
     process.join(timeout)
 

@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from jaxsft.data.sources import Concat, Select, Source, open_split, select_columns
+from jaxsft.data.named import open_split
+from jaxsft.data.sources import Concat, Select, Source, select_columns
 from jaxsft.errors import InputError
+from jaxsft.errors import one_line
 
 
 _MIXTURE_KEYS = ('datasets', 'seed', 'test_split_size')
@@ -197,7 +199,7 @@ def _read_mixture(spec: str) -> Any:
     try:
       value = yaml.safe_load(text)
     except yaml.YAMLError as e:
-      raise InputError(f"config field '{_FIELD}': {where}: malformed YAML ({' '.join(str(e).split())})") from None
+      raise InputError(f"config field '{_FIELD}': {where}: malformed YAML ({one_line(e)})") from None
   if isinstance(value, dict) and 'datasets' not in value and _FIELD in value:
     value = value[_FIELD]  # An open-r1 recipe.
   return value

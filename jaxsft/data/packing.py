@@ -35,11 +35,6 @@ def empty_row(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
   return row
 
 
-def empty_batch(batch_size: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-  """`batch_size` empty rows: fills a partial batch, or a partial accumulation step (no loss tokens)."""
-  return {key: np.tile(value, (batch_size, 1)) for key, value in empty_row(seq_len, pad_id).items()}
-
-
 def pack_row(examples: Sequence[formats.Example], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
   """The examples concatenated into one right-padded `[seq_len]` row of `BATCH_KEYS` int32 arrays.
 

@@ -9,13 +9,15 @@
 * `dataset_test_split` may be a split name or the path of an eval file (`/data/test.jsonl`): a value with a
   path separator or a data-file extension is a path (Hugging Face split names have neither).
 
-Nothing here builds a `Source`: `jaxsft.data.sources` does, from the paths and datasets returned here.
+Nothing here builds a `Source`: `jaxsft.data.named` and `jaxsft.data.splits` do, from the paths and datasets
+returned here.
 """
 
 import json
 import os
 
 from jaxsft.errors import InputError
+from jaxsft.errors import one_line
 
 EXTENSIONS = ('.jsonl', '.json', '.parquet')
 KNOWN_SPLITS = ('train', 'training', 'test', 'testing', 'eval', 'evaluation', 'validation', 'valid', 'val', 'dev')
@@ -74,7 +76,7 @@ def load_saved(directory: str, split: str, *, name_field: str, split_field: str,
     loaded = datasets.load_from_disk(directory)
   except Exception as e:  # pylint: disable=broad-except  (a damaged or foreign directory: one line, whatever it is)
     raise InputError(f"config field '{name_field}': cannot load the saved {kind} {directory!r} "
-                     f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+                     f"({one_line(e, 300, typed=True)})") from None
   if isinstance(loaded, datasets.DatasetDict):
     if split not in loaded:
       raise InputError(f"config field '{split_field}': no split {split!r} in {directory!r} (a saved DatasetDict "

@@ -64,7 +64,7 @@ class Plan:
   """The rows of an epoch (before its shuffle): which source rows fill each `[seq_len]` row."""
   bins: packing.Bins  # Members are source row indices.
   num_targets: np.ndarray  # int64 [rows]: next-token targets of each row.
-  num_tokens: np.ndarray  # int64 [rows]: non-padding tokens of each row.
+  num_input_tokens: np.ndarray  # int64 [rows]: non-padding (input) tokens of each row; loss tokens are num_targets.
   seq_len: int
   packed: bool
 
@@ -74,7 +74,7 @@ class Plan:
   @property
   def efficiency(self) -> float:
     """Non-padding fraction of the epoch's tokens (the last partial batch's empty rows not counted)."""
-    return float(self.num_tokens.sum()) / max(len(self) * self.seq_len, 1)
+    return float(self.num_input_tokens.sum()) / max(len(self) * self.seq_len, 1)
 
 
 def make_plan(index: index_lib.Index, *, seq_len: int, pack: bool) -> Plan:
@@ -149,7 +149,7 @@ class StepSource:
   def _padding_free_rows(self, step: int) -> list[np.ndarray]:
     """The plan rows (conversations) of the whole unpacked `step`, best-fit-decreasing into `seq_len` rows."""
     rows = np.concatenate(self.global_rows(step))
-    bins = packing.pack_bfd(self.plan.num_tokens[rows], self.plan.seq_len)
+    bins = packing.pack_bfd(self.plan.num_input_tokens[rows], self.plan.seq_len)
     return [rows[bins.bin(b)] for b in range(len(bins))]
 
   def micro_batch_rows(self, step: int) -> list[list[np.ndarray]]:
@@ -169,7 +169,7 @@ class StepSource:
     packed = iter(self._rows([row for rows in mine for row in rows]))  # The whole step's rows in one call.
     for rows, my_rows in zip(global_rows, mine):
       num_targets += sum(int(self.plan.num_targets[row].sum()) for row in rows)
-      num_input_tokens += sum(int(self.plan.num_tokens[row].sum()) for row in rows)
+      num_input_tokens += sum(int(self.plan.num_input_tokens[row].sum()) for row in rows)
       batch = [next(packed) for _ in my_rows]
       batch += [packing.empty_row(self.plan.seq_len, self.pad_id)] * (self.local_rows - len(my_rows))
       micro_batches.append({key: np.stack([row[key] for row in batch]) for key in packing.BATCH_KEYS})
@@ -207,7 +207,7 @@ class StepSource:
     for plan_rows, bin_members in zip(layout, members):
       row = packing.pack_row(examples[start:start + len(bin_members)], self.plan.seq_len, self.pad_id)
       start += len(bin_members)
-      tokens, expected = int((row['segment_ids'] > 0).sum()), int(self.plan.num_tokens[plan_rows].sum())
+      tokens, expected = int((row['segment_ids'] > 0).sum()), int(self.plan.num_input_tokens[plan_rows].sum())
       if tokens != expected:
         raise RuntimeError(f'{self.source.name}: rows {bin_members} tokenize to {tokens} tokens, the index says '
                            f'{expected}: the data or tokenizer changed since the index was built (delete the cache)')

@@ -13,7 +13,7 @@ from jaxsft import config as config_lib
 from jaxsft.data import formats
 from jaxsft.data import index as index_lib
 from jaxsft.data import pipeline
-from jaxsft.data import sources
+from jaxsft.data import splits as splits_lib
 from jaxsft.errors import InputError
 
 
@@ -101,7 +101,7 @@ def _padding_free_efficiency(steps: pipeline.StepSource) -> float:
   """Non-padding fraction of the tokens the padding-free steps compute (empty rows included)."""
   epochs = steps.geometry.total_steps / steps.geometry.steps_per_epoch
   computed = int(steps.micro_batches_per_step.sum()) * steps.geometry.micro_batch_size * steps.plan.seq_len
-  return float(steps.plan.num_tokens.sum()) * epochs / max(computed, 1)
+  return float(steps.plan.num_input_tokens.sum()) * epochs / max(computed, 1)
 
 
 def prepare(config: config_dict.ConfigDict, tokenizer, *, micro_batch_size: int, eval_batch_size: int,
@@ -111,10 +111,10 @@ def prepare(config: config_dict.ConfigDict, tokenizer, *, micro_batch_size: int,
   `accumulation`: micro-batches per optimizer step (None: `config.gradient_accumulation_steps`).
   """
   need_eval = config.eval_strategy != 'no'
-  splits = sources.load_splits(dataset_name=config.dataset_name, dataset_config=config.dataset_config,
-                               dataset_train_split=config.dataset_train_split,
-                               dataset_test_split=config.dataset_test_split,
-                               dataset_mixture=config.dataset_mixture, need_eval=need_eval)
+  splits = splits_lib.load_splits(dataset_name=config.dataset_name, dataset_config=config.dataset_config,
+                                  dataset_train_split=config.dataset_train_split,
+                                  dataset_test_split=config.dataset_test_split,
+                                  dataset_mixture=config.dataset_mixture, need_eval=need_eval)
   options, method = _options(config, splits.train, tokenizer)
   pad_id = tokenizer.pad_token_id
 

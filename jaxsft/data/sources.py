@@ -1,18 +1,10 @@
 """Where the rows come from: lazy, random-access, picklable dataset splits (`Source`s).
 
-`load_splits` resolves `dataset_name` (or an open-r1 `dataset_mixture`) to a train split and, when asked, an
-eval split:
+* `JsonLinesFile`, `JsonFile`, `ParquetFile` (`open_files` picks one by extension): local data files.
+* `HubSplit`: a `datasets.Dataset`, memory-mapped (a hub dataset's split or a `save_to_disk` directory).
+* `RowList`: rows in memory (synthetic data, tests); `Concat`, `Select`, `Columns`: views over other sources.
 
-* `synthetic:...`: generated in memory by `jaxsft.data.synthetic`.
-* a local `.jsonl` / `.json` / `.parquet` file: the train split (it has no eval split).
-* a local directory: the files of each split, named `train.jsonl`, `test.parquet`, ...; or HF-style data
-  files (`train-00000-of-00002.parquet`, `data/test.jsonl`, a `train/` folder); files named for no split
-  at all are the train split together, as `datasets` treats them; or a `save_to_disk` directory of a
-  `Dataset` (the train split) or a `DatasetDict` (its splits by name), memory-mapped (`jaxsft.data.paths`).
-* anything else: a hub id, `datasets.load_dataset(dataset_name, dataset_config, split=...)` (memory-mapped).
-* `dataset_mixture`: open-r1's mixture (`jaxsft.data.mixture`).
-
-`dataset_test_split` may also be the path of an eval file (`/data/test.jsonl`), whatever `dataset_name` is.
+`jaxsft.data.splits.load_splits` resolves the config's dataset fields to these.
 
 Nothing is read up front but what is needed to find the rows: a JSON Lines file is indexed (byte offset and
 line number of every non-blank line) in one pass without parsing, parquet files by their metadata. A row is
@@ -28,14 +20,13 @@ import operator
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import numpy as np
 
-from jaxsft.data import paths as paths_lib
+from jaxsft.data import handles
 from jaxsft.errors import InputError
+from jaxsft.errors import one_line
 
-EXTENSIONS = paths_lib.EXTENSIONS
 _COLUMN_SCAN = 1000  # Rows tried for `column_names` when the first rows do not parse.
 _CHUNK = 1 << 26  # Bytes per slice of the JSON Lines indexing pass.
 _ASCII_SPACE = b' \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f'  # What str.strip() removes among ASCII characters.
@@ -112,50 +103,6 @@ class Source(abc.ABC):
     return index
 
 
-class _PerProcessHandle:
-  """A file handle opened lazily in each process (never pickled), checked against the indexed file's stat."""
-
-  def __init__(self, path: str, stamp: tuple[int, int]):
-    self.path, self.stamp = path, stamp
-    self._handle, self._pid = None, None
-
-  def __getstate__(self):
-    return {'path': self.path, 'stamp': self.stamp}
-
-  def __setstate__(self, state):
-    self.__init__(state['path'], state['stamp'])
-
-  def get(self, opener):
-    """The handle of this process, from `opener(path)` on first use.
-
-    No lock (a lock held by another thread at a fork would deadlock the child): threads racing on the first
-    use each open the file, and all but one handle are left to the garbage collector.
-    """
-    if self._pid != os.getpid():
-      try:
-        st = os.stat(self.path)
-      except OSError as e:
-        raise InputError(f'{self.path}: cannot read the file any more ({e.strerror})') from None
-      if (st.st_size, st.st_mtime_ns) != self.stamp:
-        raise InputError(f'{self.path}: the file changed after it was indexed (size or modification time '
-                         'differs); restart the run')
-      self._handle = opener(self.path)
-      self._pid = os.getpid()  # Set last: a thread that sees this pid sees the handle.
-    return self._handle
-
-  def __del__(self):
-    if isinstance(getattr(self, '_handle', None), int) and self._pid == os.getpid():
-      os.close(self._handle)  # A file descriptor (JSON Lines); parquet readers close themselves.
-
-
-def _stamp(path: str, field: str) -> tuple[int, int]:
-  try:
-    st = os.stat(path)
-  except OSError as e:
-    raise InputError(f"config field '{field}': cannot read {path!r} ({e.strerror})") from None
-  return st.st_size, st.st_mtime_ns
-
-
 def _file_fingerprint(kind: str, path: str, stamp: tuple[int, int], *extra) -> str:
   return _digest(kind, os.path.abspath(path), *stamp, *extra)
 
@@ -165,12 +112,12 @@ class JsonLinesFile(Source):
 
   def __init__(self, path: str, field: str = 'dataset_name'):
     self.path = self.name = path
-    self._stamp = _stamp(path, field)
+    self._stamp = handles.stamp(path, field)
     try:
       self.offsets, self.lengths, self.lines = _index_lines(path, self._stamp[0])
     except OSError as e:
       raise InputError(f"config field '{field}': cannot read {path!r} ({e.strerror})") from None
-    self._fd = _PerProcessHandle(path, self._stamp)
+    self._fd = handles.PerProcessHandle(path, self._stamp)
 
   def __len__(self) -> int:
     return len(self.offsets)
@@ -258,7 +205,7 @@ class JsonFile(Source):
 
 def _open_json(path: str, field: str) -> Source:
   """A .json file: JSON Lines under a .json name are indexed lazily, anything else is read whole."""
-  stamp = _stamp(path, field)
+  stamp = handles.stamp(path, field)
   if _is_json_lines(path):
     return JsonLinesFile(path, field)
   try:
@@ -308,13 +255,13 @@ class ParquetFile(Source):
 
   def __init__(self, path: str, field: str = 'dataset_name', columns: Sequence[str] | None = None):
     self.path = self.name = path
-    self._stamp = _stamp(path, field)
+    self._stamp = handles.stamp(path, field)
     file = _open_parquet(path)
     meta = file.metadata
     self._ends = np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)], dtype=np.int64)
     self._all_columns = list(file.schema_arrow.names)
     self.columns = None if columns is None else list(columns)
-    self._file = _PerProcessHandle(path, self._stamp)
+    self._file = handles.PerProcessHandle(path, self._stamp)
     self._cache = None  # (row group, pyarrow.Table)
     self._lock, self._lock_pid = threading.Lock(), os.getpid()
 
@@ -340,7 +287,7 @@ class ParquetFile(Source):
           try:
             table = self._file.get(_open_parquet).read_row_group(group, columns=self.columns)
           except (OSError, ValueError) as e:
-            raise InputError(f"{self._origin(index)}: cannot read parquet ({' '.join(str(e).split())[:200]})"
+            raise InputError(f"{self._origin(index)}: cannot read parquet ({one_line(e, 200)})"
                              ) from None
           cache = self._cache = (group, table)
     return cache[1].slice(index - start, 1).to_pylist()[0]
@@ -357,7 +304,7 @@ def _open_parquet(path: str):
   try:
     return pq.ParquetFile(path, memory_map=True)
   except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError.
-    raise InputError(f"{path}: cannot read parquet ({' '.join(str(e).split())[:200]})") from None
+    raise InputError(f"{path}: cannot read parquet ({one_line(e, 200)})") from None
 
 
 class HubSplit(Source):
@@ -531,139 +478,3 @@ class Splits:
   train_name: str
   eval_name: str | None
 
-
-_EVAL_FILE_HINT = ("; the eval split can also be a file: set dataset_test_split to its path (e.g. /data/test.jsonl), "
-                   "or disable evaluation (eval_strategy='no')")
-
-
-def load_splits(*, dataset_name: str | None, dataset_config: str | None, dataset_train_split: str,
-                dataset_test_split: str | None, dataset_mixture: Any = None, need_eval: bool) -> Splits:
-  """The train split (and the eval split if `need_eval`) of `dataset_name` or of `dataset_mixture`.
-
-  `dataset_test_split` is a split name or the path of an eval file (.jsonl / .json / .parquet, or a
-  `Dataset.save_to_disk` directory), which is then the eval split whatever the train data is.
-  Rows are read lazily: a malformed row raises when read (`splits.train[i]`), naming its origin.
-
-  Raises:
-    InputError: naming the config field, file or split at fault: unset or conflicting fields, a missing file
-      or split, an empty split, a hub dataset that cannot be loaded, an invalid mixture.
-  """
-  if paths_lib.is_split_path(dataset_train_split):
-    raise InputError(f"config field 'dataset_train_split': expected a split name, got the path "
-                     f"{dataset_train_split!r} (to train on a file, set 'dataset_name' to it)")
-  test_is_path = paths_lib.is_split_path(dataset_test_split)
-  eval_path = paths_lib.split_file(dataset_test_split, 'dataset_test_split') if need_eval and test_is_path else None
-  if dataset_mixture is not None and not (isinstance(dataset_mixture, str) and not dataset_mixture.strip()):
-    if dataset_name:
-      raise InputError("config fields 'dataset_name' and 'dataset_mixture' are both set; set one of them")
-    if dataset_config:
-      raise InputError("config field 'dataset_config' has no effect with 'dataset_mixture'; set 'config' on "
-                       'the datasets of the mixture')
-    if dataset_train_split not in (None, '', 'train'):
-      raise InputError(f"config field 'dataset_train_split': a dataset_mixture's splits are 'train' and 'test', "
-                       f'got {dataset_train_split!r}')
-    if dataset_test_split not in (None, '', 'test') and not test_is_path:
-      raise InputError(f"config field 'dataset_test_split': a dataset_mixture's splits are 'train' and 'test' "
-                       f'(or give an eval file\'s path), got {dataset_test_split!r}')
-    from jaxsft.data import mixture as mixture_lib  # pylint: disable=import-outside-toplevel  (it imports this module)
-    mixture = mixture_lib.load_mixture(dataset_mixture)
-    if eval_path and 'test' in mixture:
-      raise InputError(f"config fields 'dataset_test_split' (the file {dataset_test_split!r}) and "
-                       "'dataset_mixture.test_split_size' both make an eval split; set one of them")
-    if need_eval and not eval_path and 'test' not in mixture:
-      raise InputError("config field 'dataset_mixture.test_split_size' is not set, but an eval split is needed "
-                       "(set it, set dataset_test_split to an eval file's path, or disable evaluation)")
-    evaluation = (_path_split(eval_path) if eval_path else mixture['test']) if need_eval else None
-    return Splits(train=mixture['train'], eval=evaluation, train_name=mixture['train'].name,
-                  eval_name=evaluation.name if evaluation is not None else None)
-  if not dataset_name:
-    raise InputError("config field 'dataset_name' is not set")
-  if need_eval and not dataset_test_split:
-    raise InputError("config field 'dataset_test_split' is not set, but an eval split is needed")
-  if dataset_name.startswith('synthetic:'):
-    splits = _synthetic(dataset_name)
-    if not need_eval:
-      splits.eval, splits.eval_name = None, None
-    elif eval_path:
-      splits.eval = _path_split(eval_path)
-      splits.eval_name = splits.eval.name
-    elif splits.eval is None:
-      raise InputError(f"config field 'dataset_name': {dataset_name!r} has no eval split")
-    return splits
-  train = _open_named(dataset_name, dataset_config, dataset_train_split, name_field='dataset_name',
-                      split_field='dataset_train_split', all_if_unnamed=True)
-  splits = Splits(train=train, eval=None, train_name=_split_name(dataset_name, dataset_train_split), eval_name=None)
-  if eval_path:
-    splits.eval = _path_split(eval_path)
-    splits.eval_name = splits.eval.name
-  elif need_eval:
-    splits.eval = _open_named(dataset_name, dataset_config, dataset_test_split, name_field='dataset_name',
-                              split_field='dataset_test_split', all_if_unnamed=False, hint=_EVAL_FILE_HINT)
-    splits.eval_name = _split_name(dataset_name, dataset_test_split)
-  return splits
-
-
-def _split_name(dataset_name: str, split: str) -> str:
-  return dataset_name if os.path.isfile(dataset_name) else f'{dataset_name} split {split!r}'
-
-
-def _synthetic(name: str) -> Splits:
-  from jaxsft.data import synthetic  # pylint: disable=import-outside-toplevel  (it imports this module)
-  return synthetic.load(name)
-
-
-def open_split(name: str, config: str | None, split: str, *, name_field: str, split_field: str) -> Source:
-  """One split of a dataset named as `dataset_name` is (a mixture's `id`): synthetic, file, directory or hub."""
-  if name.startswith('synthetic:'):
-    splits = _synthetic(name)
-    source = {'train': splits.train, 'test': splits.eval}.get(split)
-    if source is None:
-      raise InputError(f"config field '{split_field}': {name!r} has no split {split!r}")
-    return source
-  return _open_named(name, config, split, name_field=name_field, split_field=split_field,
-                     all_if_unnamed=split == 'train')
-
-
-def _open_named(name: str, config: str | None, split: str, *, name_field: str, split_field: str,
-                all_if_unnamed: bool, hint: str = '') -> Source:
-  """Split `split` of a local file (its only split is 'train'), a local directory or a hub dataset."""
-  if os.path.isfile(name):
-    if split != 'train':
-      raise InputError(f"config field '{split_field}': {split!r} is not available: {name!r} is a single file "
-                       f"(its only split is 'train'){hint}")
-    if not name.lower().endswith(paths_lib.EXTENSIONS):
-      raise InputError(f"config field '{name_field}': {name!r} is not a .jsonl, .json or .parquet file")
-    return open_files([name], field=name_field)
-  if os.path.isdir(name):
-    if paths_lib.saved_kind(name):
-      dataset = paths_lib.load_saved(name, split, name_field=name_field, split_field=split_field, hint=hint)
-      return HubSplit(dataset, name, None, split, stamp=paths_lib.saved_stamp(dataset))
-    files = paths_lib.data_files(name, name_field)
-    return open_files(paths_lib.split_paths(name, files, split, split_field, all_if_unnamed),
-                      name=f'{name} split {split!r}', field=name_field)
-  if paths_lib.looks_like_path(name):
-    raise InputError(f"config field '{name_field}': no such file or directory: {name!r}")
-  return _load_hub_split(name, config, split, name_field, split_field)
-
-
-def _path_split(path: str, field: str = 'dataset_test_split') -> Source:
-  """The split that a split field gives as a path (checked by `paths.split_file`): a data file or saved Dataset."""
-  if os.path.isdir(path):
-    dataset = paths_lib.load_saved(path, 'train', name_field=field, split_field=field)
-    return HubSplit(dataset, path, None, 'train', stamp=paths_lib.saved_stamp(dataset))
-  if not path.lower().endswith(paths_lib.EXTENSIONS):
-    raise InputError(f"config field '{field}': {path!r} is not a .jsonl, .json or .parquet file")
-  return open_files([path], field=field)
-
-
-def _load_hub_split(name: str, config: str | None, split: str, name_field: str, split_field: str) -> HubSplit:
-  import datasets  # pylint: disable=import-outside-toplevel  (slow import, only for hub datasets)
-  try:
-    dataset = datasets.load_dataset(name, config, split=split)
-  except Exception as e:  # pylint: disable=broad-except  (any failure is the dataset's: name, config, split, network)
-    message = ' '.join(str(e).split())[:300]
-    raise InputError(f"config field '{name_field}': cannot load {name!r} (config {config!r}, split {split!r}; "
-                     f"{split_field}): {type(e).__name__}: {message}") from None
-  if len(dataset) == 0:
-    raise InputError(f"config field '{name_field}': {name!r} split {split!r} is empty (0 rows)")
-  return HubSplit(dataset, name, config, split)

@@ -13,7 +13,9 @@ its operands, so the held-out problem texts are disjoint from the training texts
 
   load('synthetic:arithmetic?train=20000&test=200&seed=0') -> sources.Splits
   held_out_problems(n, seed) -> [(prompt messages, expected answer)]
-  evaluate_accuracy(model, tokenizer, problems, max_new_tokens=...) -> (accuracy, samples)
+  extract_answer(generated text) -> the answer it states, or None
+
+`jaxsft.evals.evaluate_accuracy` decodes held-out problems with a model and scores the answers.
 """
 
 import dataclasses
@@ -22,7 +24,6 @@ import random
 import re
 import urllib.parse
 from collections.abc import Sequence
-from typing import Any
 
 from jaxsft.data import sources
 from jaxsft.errors import InputError
@@ -243,46 +244,6 @@ def extract_answer(text: str) -> str | None:
   """The N of the last 'The answer is N.' in `text`, or None."""
   matches = _ANSWER_RE.findall(text)
   return matches[-1] if matches else None
-
-
-def evaluate_accuracy(model, tokenizer, problems: Sequence[tuple[list[Message], str]], *,
-                      max_new_tokens: int, batch_size: int = 64,
-                      num_samples: int = 5) -> tuple[float, list[dict[str, Any]]]:
-  """Greedy-decodes every problem with `model` (the KV-cache sampler) and scores exact match of the answer.
-
-  Returns (accuracy, the first `num_samples` problems as dicts with prompt, expected, generated, correct).
-  Prompts are grouped by length into batches of `batch_size` to keep the decoding buffers small.
-  """
-  from jaxsft import generate  # pylint: disable=import-outside-toplevel  (pulls in jax)
-  if not problems:
-    return 0.0, []
-  prompts = [_encode_prompt(tokenizer, messages) for messages, _ in problems]
-  eos_ids = sorted({i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids('<|endoftext|>'))
-                    if i is not None and i != tokenizer.unk_token_id})
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
-  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-  outputs: list[list[int]] = [[] for _ in prompts]
-  for start in range(0, len(order), batch_size):
-    chunk = order[start:start + batch_size]
-    generated = generate.greedy_generate(model, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens,
-                                         eos_ids=eos_ids, pad_id=pad_id)
-    for i, ids in zip(chunk, generated):
-      outputs[i] = ids
-  correct, samples = 0, []
-  for (messages, expected), ids in zip(problems, outputs):
-    text = tokenizer.decode(ids, skip_special_tokens=False)
-    ok = extract_answer(text) == expected
-    correct += ok
-    if len(samples) < num_samples:
-      samples.append({'prompt': messages[-1]['content'], 'expected': expected, 'generated': text,
-                      'correct': ok})
-  return correct / len(problems), samples
-
-
-def _encode_prompt(tokenizer, messages: list[Message]) -> list[int]:
-  encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                          return_dict=True)
-  return list(encoded['input_ids'])
 
 
 def corpus(n: int = 4000, seed: int = 0) -> list[Row]:

@@ -46,9 +46,10 @@ import numpy as np
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
+from jaxsft import fields
 from jaxsft.errors import InputError
 
-IMPLS = ('auto', 'xla', 'cudnn', 'splash')
+IMPLS = fields.ATTENTION_IMPLS  # ('auto', 'xla', 'cudnn', 'splash'); config.validate checks the name.
 DEFAULT_MAX_SEGMENTS = 64  # cuDNN packed layout: runs of equal segment ids per row (see the module docstring).
 SPLASH_BLOCKS = (512, 256, 128)  # Candidate splash block sizes, largest first; T is padded to a multiple of 128.
 _LANES = 128

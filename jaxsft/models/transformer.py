@@ -4,16 +4,16 @@ The block is the Llama one: RMSNorm → grouped-query attention with RoPE → re
 residual, then a final RMSNorm and the unembedding. The families differ only in flags of `ModelConfig`:
 q/k/v bias (Qwen2), o and MLP bias (Llama `attention_bias` / `mlp_bias`), per-head q/k RMSNorm (Qwen3),
 tied embeddings, per-layer sliding windows (Mistral, Qwen2/3), and the RoPE variant ('default', 'linear',
-'llama3', 'yarn', computed exactly as transformers' `modeling_rope_utils` does).
+'llama3', 'yarn'; jaxsft.models.rope computes them exactly as transformers' `modeling_rope_utils` does).
 
 Numerics follow transformers: RMSNorm normalises in float32 and casts back before the scale; RoPE angles are
 float32 and cast to the compute dtype; attention softmax is float32. Parameters are stored in
 `cfg.param_dtype` and cast to `cfg.dtype` where used; `__call__` returns float32 logits.
 
 Parameter names mirror Hugging Face (`layers.3.self_attn.q_proj.kernel`), so conversion is a rename plus a
-transpose (see `jaxsft.models.hf`). Every parameter carries logical axis names as `out_sharding` metadata
-(created with `eager_sharding=False`: the model builds without a mesh or axis rules; `jaxsft.sharding`
-turns the names into shardings).
+transpose (see `jaxsft.models.hf_layout`). Every parameter carries logical axis names as `out_sharding`
+metadata (created with `eager_sharding=False`: the model builds without a mesh or axis rules;
+`jaxsft.sharding` turns the names into shardings).
 
 `scan_layers=True` stores the decoder layers as one `DecoderLayer` whose parameters are stacked on a leading
 axis named 'layers' (`layers.self_attn.q_proj.kernel` is [L, embed, q_heads, head_dim]) and applies them with
@@ -23,12 +23,9 @@ Layers whose sliding windows differ (Qwen2 `max_window_layers` / `layer_types`) 
 the model's distinct windows, and `lax.switch` picks the attention of that window, so every attention
 implementation still sees a static window.
 
-`remat` names a rematerialisation policy, as MaxText names them (`REMAT_POLICIES`): 'none' keeps every
-intermediate; 'full' recomputes the whole layer in the backward pass, keeping only its input; the others keep
-the outputs of the projections they name, tagged with `jax.ad_checkpoint.checkpoint_name` ('query_proj',
-'key_proj', 'value_proj', 'context' = the attention output before o_proj, 'out_proj', 'mlpwi_0' = gate,
-'mlpwi_1' = up, 'mlpwo' = down), and recompute the rest; 'minimal_offloaded' keeps what 'minimal' keeps in
-host memory instead of device memory.
+`remat` names a rematerialisation policy (jaxsft.models.remat: which of the projection outputs tagged here
+with `checkpoint_name` a layer keeps for the backward pass); each layer runs under that policy's `nnx.remat`
+(none for 'none').
 
 Decoding (`prefill`, `decode`; used by `jaxsft.generate`, never by training) keeps a KV cache {'key',
 'value'} of [L, B, S, K, H] in the compute dtype, slot s holding position s of the row. `prefill` runs
@@ -46,7 +43,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -55,24 +51,10 @@ from jaxsft.errors import InputError
 from jaxsft.models import attention as attention_lib
 from jaxsft.models import mlp as mlp_lib
 from jaxsft.models import projection
+from jaxsft.models import remat as remat_lib
+from jaxsft.models import rope
+# Names that used to live here, still imported from here (jaxsft/config.py, tests); new code imports their homes.
 
-_QKV_NAMES = ('query_proj', 'key_proj', 'value_proj')
-_MINIMAL_NAMES = _QKV_NAMES + ('out_proj', 'mlpwi_0', 'mlpwi_1', 'mlpwo')
-# Policy → the checkpoint names whose values it keeps (MaxText's `get_remat_policy`, less the names of
-# projections this model does not have: fused 'qkv_proj', 'mlpwi').
-_SAVED_NAMES = {
-    'minimal_with_context': _MINIMAL_NAMES + ('context',),
-    'minimal': _MINIMAL_NAMES,
-    'save_dot_with_context_except_mlp': _QKV_NAMES + ('context', 'out_proj'),
-    'save_dot_except_mlpwi': _QKV_NAMES + ('out_proj', 'mlpwo'),
-    'save_dot_except_mlp': _QKV_NAMES + ('out_proj',),
-    'save_qkv_proj': _QKV_NAMES,
-    'save_out_proj': ('out_proj',),
-}
-_OFFLOADED_NAMES = {'minimal_offloaded': _MINIMAL_NAMES, 'qkv_proj_offloaded': _QKV_NAMES}
-# Fastest (most memory) first, as MaxText's base.yml orders them.
-REMAT_POLICIES = ('none',) + tuple(_SAVED_NAMES) + ('full',) + tuple(_OFFLOADED_NAMES)
-ROPE_TYPES = ('default', 'linear', 'llama3', 'yarn')
 LAYERS_AXIS = 'layers'  # Logical name of the stacked-layer axis under scan_layers.
 INIT_STD = projection.INIT_STD
 _param = projection.param
@@ -118,8 +100,7 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise InputError(f'model config: num_heads ({self.num_heads}) is not a multiple of num_kv_heads '
                        f'({self.num_kv_heads})')
-    if self.remat not in REMAT_POLICIES:
-      raise InputError(f"config field 'model.remat' is {self.remat!r}; expected one of {', '.join(REMAT_POLICIES)}")
+    remat_lib.check_policy(self.remat)
     attention_lib.check_impl(self.attention_impl)
     for name in ('dtype', 'param_dtype'):
       value = getattr(self, name)
@@ -131,7 +112,7 @@ class ModelConfig:
                          f'{self.num_layers} layers')
       if any(w is not None and w < 1 for w in self.sliding_windows):
         raise InputError(f'model config: sliding windows must be positive, got {self.sliding_windows}')
-    rope_frequencies(self)  # Raises InputError for a RoPE variant that is not implemented.
+    rope.rope_frequencies(self)  # Raises InputError for a RoPE variant that is not implemented.
 
   def window(self, layer: int) -> int | None:
     """The sliding window of `layer` (None: full causal attention)."""
@@ -140,106 +121,6 @@ class ModelConfig:
   def distinct_windows(self) -> tuple[int | None, ...]:
     """The model's distinct sliding windows, in order of first use (a scanned layer chooses among them)."""
     return tuple(dict.fromkeys(self.window(i) for i in range(self.num_layers)))
-
-
-def remat_policy(name: str):
-  """The `jax.checkpoint` policy of a `REMAT_POLICIES` name; None for 'full' (save nothing) and 'none'."""
-  if name in _SAVED_NAMES:
-    return jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES[name])
-  if name in _OFFLOADED_NAMES:
-    return jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=list(_OFFLOADED_NAMES[name]),
-        offload_src='device', offload_dst='pinned_host')
-  if name in ('none', 'full'):
-    return None
-  raise InputError(f"config field 'model.remat' is {name!r}; expected one of {', '.join(REMAT_POLICIES)}")
-
-
-@functools.lru_cache(maxsize=64)
-def rope_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
-  """(inv_freq float32 [head_dim / 2], attention_scaling), as transformers' RoPE init functions compute them.
-
-  The arithmetic is float32 with Python-float scalars, in transformers' order of operations, so the
-  frequencies equal transformers' (tests/test_model.py compares them).
-  """
-  params = dict(cfg.rope_scaling or ())
-  rope_type = params.get('rope_type', 'default')
-  if rope_type not in ROPE_TYPES:
-    raise InputError(f'rope_parameters.rope_type {rope_type!r} is not supported; '
-                     f'supported: {", ".join(ROPE_TYPES)}')
-  if params.get('partial_rotary_factor', 1.0) != 1.0:
-    raise InputError(f'rope_parameters.partial_rotary_factor {params["partial_rotary_factor"]} is not supported')
-  dim = cfg.head_dim
-  exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-  # base ** exponent, correctly rounded to float32 (torch's vectorised float32 pow is within 1 ulp of it).
-  pos_freqs = (np.float64(cfg.rope_theta) ** exponents.astype(np.float64)).astype(np.float32)
-  inv_freq = np.float32(1.0) / pos_freqs
-
-  def need(key):
-    if params.get(key) is None:
-      raise InputError(f'rope_parameters.{key} is required for rope_type {rope_type!r}')
-    return params[key]
-
-  scaling = 1.0
-  if rope_type == 'linear':
-    inv_freq = inv_freq / np.float32(need('factor'))
-  elif rope_type == 'llama3':
-    factor = float(need('factor'))
-    low_freq_factor = float(need('low_freq_factor'))
-    high_freq_factor = float(need('high_freq_factor'))
-    old_context_len = float(need('original_max_position_embeddings'))
-    low_freq_wavelen = old_context_len / low_freq_factor
-    high_freq_wavelen = old_context_len / high_freq_factor
-    wavelen = np.float32(2 * math.pi) / inv_freq
-    inv_freq_llama = np.where(wavelen > np.float32(low_freq_wavelen), inv_freq / np.float32(factor), inv_freq)
-    smooth = (np.float32(old_context_len) / wavelen - np.float32(low_freq_factor)) / np.float32(
-        high_freq_factor - low_freq_factor)
-    smoothed = (np.float32(1) - smooth) * inv_freq_llama / np.float32(factor) + smooth * inv_freq_llama
-    is_medium = ~(wavelen < np.float32(high_freq_wavelen)) & ~(wavelen > np.float32(low_freq_wavelen))
-    inv_freq = np.where(is_medium, smoothed, inv_freq_llama)
-  elif rope_type == 'yarn':
-    inv_freq, scaling = _yarn(params, dim, float(cfg.rope_theta), pos_freqs)
-  return np.asarray(inv_freq, np.float32), float(scaling)
-
-
-def _yarn(params: dict, dim: int, base: float, pos_freqs: np.ndarray) -> tuple[np.ndarray, float]:
-  """YaRN frequencies and attention factor (transformers' `_compute_yarn_parameters`)."""
-  factor = params.get('factor')
-  original = params.get('original_max_position_embeddings')
-  if factor is None or original is None:
-    raise InputError("rope_parameters.factor and rope_parameters.original_max_position_embeddings are "
-                     "required for rope_type 'yarn'")
-  factor = float(factor)
-  mscale, mscale_all_dim = params.get('mscale'), params.get('mscale_all_dim')
-
-  def get_mscale(scale, m=1.0):
-    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-  attention_factor = params.get('attention_factor')
-  if attention_factor is None:
-    if mscale and mscale_all_dim:
-      attention_factor = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
-    else:
-      attention_factor = get_mscale(factor)
-  beta_fast = params.get('beta_fast') or 32
-  beta_slow = params.get('beta_slow') or 1
-
-  def correction_dim(num_rotations):
-    return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
-
-  low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-  if params.get('truncate', True):
-    low, high = math.floor(low), math.ceil(high)
-  low, high = max(low, 0), min(high, dim - 1)
-  if low == high:
-    high += 0.001  # transformers' guard against a zero-width ramp.
-  ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
-  extrapolation_factor = np.float32(1) - ramp
-  inv_extrapolation = np.float32(1.0) / pos_freqs
-  inv_interpolation = np.float32(1.0) / (np.float32(factor) * pos_freqs)
-  inv_freq = (inv_interpolation * (np.float32(1) - extrapolation_factor)
-              + inv_extrapolation * extrapolation_factor)
-  return inv_freq, float(attention_factor)
 
 
 class RMSNorm(nnx.Module):
@@ -269,13 +150,6 @@ class Embed(nnx.Module):
   def __call__(self, tokens_BxT: jax.Array) -> jax.Array:
     # mode='clip': an out-of-range id gives a finite row, never NaN (jnp.take's default fills with NaN).
     return jnp.take(self.embedding[...], tokens_BxT, axis=0, mode='clip').astype(self.dtype)
-
-
-def rotate(x_BxTxNxH: jax.Array, cos_BxTx1xH: jax.Array, sin_BxTx1xH: jax.Array) -> jax.Array:
-  """RoPE in HF's half-split layout: x * cos + rotate_half(x) * sin."""
-  half = x_BxTxNxH.shape[-1] // 2
-  rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
-  return x_BxTxNxH * cos_BxTx1xH + rotated * sin_BxTx1xH
 
 
 class Attention(nnx.Module):
@@ -320,8 +194,8 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q_BxTxNxH = self.q_norm(q_BxTxNxH)
       k_BxTxKxH = self.k_norm(k_BxTxKxH)
-    q_BxTxNxH = rotate(q_BxTxNxH, cos_BxTx1xH, sin_BxTx1xH)
-    k_BxTxKxH = rotate(k_BxTxKxH, cos_BxTx1xH, sin_BxTx1xH)
+    q_BxTxNxH = rope.rotate(q_BxTxNxH, cos_BxTx1xH, sin_BxTx1xH)
+    k_BxTxKxH = rope.rotate(k_BxTxKxH, cos_BxTx1xH, sin_BxTx1xH)
     return q_BxTxNxH, k_BxTxKxH, v_BxTxKxH
 
   def prefill(self, x_BxPxD, cos_BxPx1xH, sin_BxPx1xH, segment_ids_BxP, cache_len: int, window_index=None):
@@ -411,7 +285,7 @@ def _layer_fn(remat: str, scanned: bool):
   """
   if remat == 'none':
     return _apply_layer
-  return nnx.remat(_apply_layer, policy=remat_policy(remat), prevent_cse=not scanned)
+  return nnx.remat(_apply_layer, policy=remat_lib.remat_policy(remat), prevent_cse=not scanned)
 
 
 def _stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
@@ -456,24 +330,12 @@ class Transformer(nnx.Module):
       self.lm_head = Dense('btd,dv->btv', (cfg.hidden_size, cfg.vocab_size), ('embed', 'vocab'), None, None,
                            dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
-  def _rope(self, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    inv_freq, scaling = rope_frequencies(self.cfg)
-    freqs_BxTxH2 = jnp.asarray(positions_BxT).astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    emb_BxTxH = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
-    cos_BxTxH = jnp.cos(emb_BxTxH)
-    sin_BxTxH = jnp.sin(emb_BxTxH)
-    if scaling != 1.0:
-      cos_BxTxH = cos_BxTxH * scaling
-      sin_BxTxH = sin_BxTxH * scaling
-    dtype = self.cfg.dtype
-    return cos_BxTxH[:, :, None, :].astype(dtype), sin_BxTxH[:, :, None, :].astype(dtype)
-
   def hidden_states(self, tokens_BxT: jax.Array, positions_BxT: jax.Array,
                     segment_ids_BxT: jax.Array) -> jax.Array:
     """Final-norm hidden states [B, T, D] in the compute dtype."""
     segment_ids_BxT = jnp.asarray(segment_ids_BxT)
     x_BxTxD = sharding.constrain_batch(self.embed_tokens(jnp.asarray(tokens_BxT)))
-    cos_BxTx1xH, sin_BxTx1xH = self._rope(positions_BxT)
+    cos_BxTx1xH, sin_BxTx1xH = rope.cos_sin(self.cfg, positions_BxT)
     apply = _layer_fn(self.cfg.remat, self.cfg.scan_layers)
     if self.cfg.scan_layers:
       x_BxTxD = self._scan_layers(apply, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT)
@@ -519,7 +381,7 @@ class Transformer(nnx.Module):
     positions_BxP = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
     segment_ids_BxP = (positions_BxP < lengths_B[:, None]).astype(jnp.int32)  # Padding: segment 0, apart.
     x_BxPxD = sharding.constrain_batch(self.embed_tokens(tokens_BxP))
-    cos_BxPx1xH, sin_BxPx1xH = self._rope(positions_BxP)
+    cos_BxPx1xH, sin_BxPx1xH = rope.cos_sin(self.cfg, positions_BxP)
     if self.cfg.scan_layers:
       @nnx.scan(in_axes=(0, nnx.Carry, None, None, None, 0), out_axes=(nnx.Carry, 0, 0),
                 transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
@@ -546,7 +408,7 @@ class Transformer(nnx.Module):
     slots s <= positions_B[b] (and positions_B[b] - s < w in a layer with sliding window w).
     """
     x_Bx1xD = sharding.constrain_batch(self.embed_tokens(tokens_B[:, None]))
-    cos_Bx1x1xH, sin_Bx1x1xH = self._rope(positions_B[:, None])
+    cos_Bx1x1xH, sin_Bx1x1xH = rope.cos_sin(self.cfg, positions_B[:, None])
     k_LxBxSxKxH, v_LxBxSxKxH = cache['key'], cache['value']
     if self.cfg.scan_layers:
       @nnx.scan(in_axes=(0, nnx.Carry, None, None, None, 0, 0, 0), out_axes=(nnx.Carry, 0, 0),

@@ -2,8 +2,8 @@
 
   python -m tests.helpers.checkpoint_process reshard MODEL_DIR DATA_FILE OUT_DIR
       On 8 simulated CPU devices: trains 6 steps on mesh fsdp=8 (checkpoints at steps 3 and 6), restores
-      checkpoint 3 with trainer.restore_state into fsdp=8, fsdp=4 × tensor=2 and a 1-device mesh, then resumes
-      the run from checkpoint 3 on fsdp=4 × tensor=2. Writes OUT_DIR/restored_MESH.npz (every array of the
+      checkpoint 3 as the trainer does (runs.restore_state) into fsdp=8, fsdp=4 × tensor=2 and a 1-device mesh,
+      then resumes the run from checkpoint 3 on fsdp=4 × tensor=2. Writes OUT_DIR/restored_MESH.npz (every array of the
       restored state, gathered to the host), OUT_DIR/hf_step{3,6}.npz (the restored parameters as Hugging Face
       tensors) and OUT_DIR/result.json (per mesh and array: spec, mesh shape, device count).
 
@@ -28,16 +28,12 @@ SENT = 'checkpoint_process: SIGTERM to this process at step '
 
 
 def _config(model_dir: str, data_file: str, output_dir: str, mesh: dict, **overrides):
-  from jaxsft import config as config_lib  # pylint: disable=import-outside-toplevel
-  config = config_lib.base_config()
-  config.update(dict(model_name_or_path=model_dir, dataset_name=data_file, output_dir=output_dir, bf16=False,
+  from tests.helpers import runs  # pylint: disable=import-outside-toplevel
+  return runs.config(model_name_or_path=model_dir, dataset_name=data_file, output_dir=output_dir, bf16=False,
                      gradient_checkpointing=False, disable_tqdm=True, learning_rate=3e-3, max_length=96,
                      per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=TOTAL_STEPS,
                      save_steps=RESUME_STEP, logging_steps=1, assistant_only_loss=True, warmup_steps=1,
-                     weight_decay=0.1, seed=0, **overrides))
-  config.mesh.update(mesh)
-  config.lock()
-  return config
+                     weight_decay=0.1, seed=0, mesh=mesh, **overrides)
 
 
 def _flat(tree) -> dict:
@@ -61,57 +57,56 @@ def reshard(model_dir: str, data_file: str, out_dir: str) -> None:
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from jaxsft import checkpoint  # pylint: disable=import-outside-toplevel
   from jaxsft import sharding  # pylint: disable=import-outside-toplevel
-  from jaxsft import trainer  # pylint: disable=import-outside-toplevel
+  from jaxsft.models import hf  # pylint: disable=import-outside-toplevel
+  from jaxsft.models import hf_config  # pylint: disable=import-outside-toplevel
+  from tests.helpers import runs  # pylint: disable=import-outside-toplevel
 
   trained = _config(model_dir, data_file, os.path.join(out_dir, 'fsdp8'), MESHES['fsdp8'])
-  trainer.run(trained)
+  runs.run(trained)
   root = checkpoint.root_of(trained.output_dir)
-  model_cfg = trainer.model_config(trained, trainer.hf.read_hf_config(model_dir))
-  tx, _ = trainer.make_optimizer(trained, total_steps=TOTAL_STEPS)
+  model_cfg = runs.model_config(trained, hf_config.read_hf_config(model_dir))
+  tx, _ = runs.make_optimizer(trained, total_steps=TOTAL_STEPS)
   manager = checkpoint.Manager(root, read_only=True)
   result = {'steps': manager.steps(), 'restored': {}}
   manager.close()
   for name, mesh_cfg in MESHES.items():
     devices = jax.devices()[:1] if name == 'one_device' else None
     mesh = sharding.make_mesh(mesh_cfg, devices=devices)
-    state, _, graphdef, rest = trainer.restore_state((root, RESUME_STEP), model_cfg, tx, mesh)
+    state, _, graphdef = runs.restore_state((root, RESUME_STEP), model_cfg, tx, mesh)
     result['restored'][name] = _describe(state)
     np.savez(os.path.join(out_dir, f'restored_{name}.npz'), **_flat(sharding.gather_to_host(state)))
     if name == 'one_device':
       for step in (RESUME_STEP, TOTAL_STEPS):
-        params = state['params'] if step == RESUME_STEP else trainer.restore_state(
+        params = state['params'] if step == RESUME_STEP else runs.restore_state(
             (root, step), model_cfg, tx, mesh)[0]['params']
-        model = nnx.merge(graphdef, sharding.gather_to_host(params), rest)
-        np.savez(os.path.join(out_dir, f'hf_step{step}.npz'), **trainer.hf.to_hf_tensors(model))
+        model = nnx.merge(graphdef, sharding.gather_to_host(params))
+        np.savez(os.path.join(out_dir, f'hf_step{step}.npz'), **hf.to_hf_tensors(model))
 
   resumed = _config(model_dir, data_file, os.path.join(out_dir, 'resumed'), MESHES['fsdp4_tensor2'],
                     resume_from_checkpoint=os.path.join(root, str(RESUME_STEP)))
-  trainer.run(resumed)
+  runs.run(resumed)
   with open(os.path.join(out_dir, 'result.json'), 'w', encoding='utf-8') as f:
     json.dump(result, f)
 
 
 def train(sigterm_at_step: int, slow_seconds: float, flags: list[str]) -> None:
   from absl import app  # pylint: disable=import-outside-toplevel
+  from jaxsft import cli  # pylint: disable=import-outside-toplevel
   from jaxsft import train as train_cli  # pylint: disable=import-outside-toplevel
-  from jaxsft import trainer  # pylint: disable=import-outside-toplevel
+  from tests.helpers import runs  # pylint: disable=import-outside-toplevel
 
   if sigterm_at_step > 0:
-    fetch = trainer.Prefetcher.__next__
 
-    def fetch_and_signal(prefetcher):
-      element = fetch(prefetcher)
-      step = element[2]['step']  # The step this batch is for (1-based): the loader's state after it.
+    def signal_and_slow_down(step):  # The step whose batches the loop has just taken (1-based).
       import jax  # pylint: disable=import-outside-toplevel  (initialised by now: the loop runs after it)
       if step == sigterm_at_step and jax.process_index() == 1:
         print(f'{SENT}{step}', file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGTERM)
       if step > sigterm_at_step:
         time.sleep(slow_seconds)
-      return element
 
-    trainer.Prefetcher.__next__ = fetch_and_signal
-  app.run(train_cli.main, argv=[sys.argv[0], *flags], flags_parser=train_cli.parse_flags)
+    runs.on_step(None, signal_and_slow_down)
+  app.run(train_cli.main, argv=[sys.argv[0], *flags], flags_parser=cli.parse_flags)
 
 
 def main(argv: list[str]) -> None:

@@ -25,12 +25,12 @@ def main(port: str, process_id: str, data_file: str, out: str) -> None:
   from jaxsft import sharding  # pylint: disable=import-outside-toplevel
   from jaxsft.data import index as index_lib  # pylint: disable=import-outside-toplevel
   from jaxsft.data import pipeline  # pylint: disable=import-outside-toplevel
-  from jaxsft.data import sources  # pylint: disable=import-outside-toplevel
+  from jaxsft.data import splits as splits_lib  # pylint: disable=import-outside-toplevel
 
   assets = os.path.join(os.path.dirname(sharding.__file__), 'assets', 'tiny')
   tokenizer = transformers.AutoTokenizer.from_pretrained(assets)
-  source = Recording(sources.load_splits(dataset_name=data_file, dataset_config=None, dataset_train_split='train',
-                                         dataset_test_split=None, need_eval=False).train)
+  source = Recording(splits_lib.load_splits(dataset_name=data_file, dataset_config=None, dataset_train_split='train',
+                                            dataset_test_split=None, need_eval=False).train)
   options = index_lib.Options(fmt='messages', max_length=96, assistant_only_loss=True, completion_only_loss=None,
                               dataset_text_field='text')
   index = index_lib.build_index(source, tokenizer, options, skip_bad_rows=False, process_index=jax.process_index(),

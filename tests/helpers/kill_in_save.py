@@ -17,8 +17,7 @@ import tempfile
 
 def train_and_kill(overrides: str, step: str) -> None:
   from jaxsft import checkpoint  # pylint: disable=import-outside-toplevel
-  from jaxsft import config as config_lib  # pylint: disable=import-outside-toplevel
-  from jaxsft import trainer  # pylint: disable=import-outside-toplevel
+  from tests.helpers import runs  # pylint: disable=import-outside-toplevel
 
   original = checkpoint.Manager.save
 
@@ -28,10 +27,7 @@ def train_and_kill(overrides: str, step: str) -> None:
       os.kill(os.getpid(), signal.SIGKILL)
 
   checkpoint.Manager.save = save_then_die
-  config = config_lib.base_config()
-  config.update(json.loads(overrides))
-  config.lock()
-  trainer.run(config)
+  runs.run(runs.config(**json.loads(overrides)))
   raise SystemExit('the run finished without reaching the kill')
 
 

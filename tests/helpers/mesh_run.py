@@ -13,30 +13,26 @@ import sys
 def main(num_devices: str, model_dir: str, data_file: str, out_dir: str, *meshes: str) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update('jax_num_cpu_devices', int(num_devices))
-  from jaxsft import config as config_lib  # pylint: disable=import-outside-toplevel
   from jaxsft import sharding  # pylint: disable=import-outside-toplevel
-  from jaxsft import trainer  # pylint: disable=import-outside-toplevel
+  from jaxsft.models import hf_config  # pylint: disable=import-outside-toplevel
+  from tests.helpers import runs  # pylint: disable=import-outside-toplevel
 
   results = []
   for k, mesh_json in enumerate(meshes):
     mesh_cfg = json.loads(mesh_json)
-    config = config_lib.base_config()
-    config.update(dict(model_name_or_path=model_dir, dataset_name=data_file, output_dir=os.path.join(out_dir, str(k)),
-                       bf16=False, gradient_checkpointing=False, disable_tqdm=True, learning_rate=3e-3,
-                       max_length=96, per_device_train_batch_size=8 // int(num_devices),
-                       gradient_accumulation_steps=2, max_steps=5, logging_steps=1, assistant_only_loss=True,
-                       warmup_steps=1, weight_decay=0.1, seed=0))
-    config.mesh.update(mesh_cfg)
-    config.lock()
-    trainer.run(config)
-    with open(os.path.join(config.output_dir, 'metrics.jsonl'), encoding='utf-8') as f:
-      losses = [row['loss'] for row in map(json.loads, f) if 'loss' in row]
+    config = runs.config(model_name_or_path=model_dir, dataset_name=data_file, output_dir=os.path.join(out_dir, str(k)),
+                         bf16=False, gradient_checkpointing=False, disable_tqdm=True, learning_rate=3e-3,
+                         max_length=96, per_device_train_batch_size=8 // int(num_devices),
+                         gradient_accumulation_steps=2, max_steps=5, logging_steps=1, assistant_only_loss=True,
+                         warmup_steps=1, weight_decay=0.1, seed=0, mesh=mesh_cfg)
+    runs.run(config)
+    losses = runs.losses(config.output_dir)
     # The state as the trainer builds it, to check its shardings.
     mesh = sharding.make_mesh(config.mesh)
-    model_dir_ = str(trainer.hf.resolve_model_dir(model_dir))
-    model_cfg = trainer.model_config(config, trainer.hf.read_hf_config(model_dir_))
-    tx, _ = trainer.make_optimizer(config, total_steps=5)
-    state, _, _, _ = trainer.init_state(config, model_dir_, model_cfg, tx, mesh)
+    model_dir_ = str(hf_config.resolve_model_dir(model_dir))
+    model_cfg = runs.model_config(config, hf_config.read_hf_config(model_dir_))
+    tx, _ = runs.make_optimizer(config, total_steps=5)
+    state, _, _ = runs.init_state(config, model_dir_, model_cfg, tx, mesh)
     specs = {}
     for path, x in jax.tree_util.tree_leaves_with_path(state):
       spec = [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]

@@ -45,9 +45,10 @@ def shapes_with(hlo: str, dim: int, dtype: str = 'f32') -> list[list[int]]:
 
 def main(out_path: str, topology: str, model_config: str, *overrides: str) -> None:
   from jaxsft import dryrun  # pylint: disable=import-outside-toplevel
-  from jaxsft import train  # pylint: disable=import-outside-toplevel
-  train.parse_flags(['tpu_program', '--config', 'configs/sft.py', *overrides])
-  config = train.load_config()
+  from jaxsft import cli  # pylint: disable=import-outside-toplevel
+  cli.define_config_flag()
+  cli.parse_flags(['tpu_program', '--config', 'configs/sft.py', *overrides])
+  config = cli.load_config()
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update('jax_platforms', 'cpu')
   from jaxsft import targets  # pylint: disable=import-outside-toplevel
