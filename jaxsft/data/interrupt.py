@@ -59,6 +59,10 @@ def blocked_while_spawning():
   if not hasattr(signal, 'pthread_sigmask'):
     yield
     return
+  # The first spawned process of a session starts CPython's resource tracker, whose start-up blocks SIGINT and
+  # then *unblocks* it: inside this block, that would undo ours for the workers spawned after it. Started first.
+  from multiprocessing import resource_tracker  # pylint: disable=import-outside-toplevel
+  resource_tracker.ensure_running()
   previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
   try:
     yield
