@@ -6,6 +6,7 @@ Usage (from the repository root; needs the `bench` extra: torch, trl, accelerate
   python benchmarks/vs_trl.py --json figures.json   # also write every figure (and every step's) to a JSON file
   python benchmarks/vs_trl.py --runs trl,jaxsft     # only the equal-settings pair
   python benchmarks/vs_trl.py --quick               # tiny model, 3 steps: checks the script, measures nothing
+  python benchmarks/vs_trl.py --preset cpu_long --runs trl,jaxsft   # rows far shorter than max_length (below)
 
 The model: a random Qwen2-architecture model (transformers `Qwen2Config` -> `Qwen2ForCausalLM`, float32,
 transformers' std-0.02 init), by default hidden 512, MLP 1536, 4 layers, 8 query heads and 2 key/value heads of
@@ -27,8 +28,9 @@ The runs, each in its own subprocess (so memory is per run), one after the other
 steps (--steps, default 8) with the same learning rate (linear schedule), micro-batch (--batch-size, default 4),
 accumulation, max_length, seed, float32 compute (bf16=False), gradient checkpointing (default on: both trainers'
 default), logging every step, no checkpoint within the timed steps.
-* equal settings, packing=False: TRL's collator pads each batch to its longest row; jaxsft pads every row to
-  max_length (static shapes: one compilation).
+* equal settings, packing=False: TRL's collator pads each batch to its longest row; jaxsft pads each
+  micro-batch to the smallest length bucket that holds its longest row (length_buckets='auto': 128, 256, 384,
+  512, 768, ...; one compiled step per bucket, on first use; jaxsft/data/buckets.py).
 * padding-free (jaxsft padding_free=True): the equal-settings steps, the same conversations per step, laid out
   best-fit-decreasing in as few rows as they fill, run as micro-batches of one row (batch 1 × accumulation
   batch-size), against TRL's equal-settings run.
@@ -39,13 +41,19 @@ default), logging every step, no checkpoint within the timed steps.
 Each side shuffles with its own sampler, so the two sides train on different rows at each step; the figures
 are rates, and over the default dataset both see the same length distribution.
 
+The 'cpu_long' preset is the case where padding decides: hidden 256, 4 layers, vocabulary 8192, batch 4 x
+accumulation 4, max_length 2048 and conversations of median 340 (mean ~465) tokens, as users who set
+max_length to their longest conversation and leave packing off (TRL's default) train them.
+
 The figures, defined identically for both sides:
 * tokens/s: the non-padding tokens of optimizer steps 2..N (every token of every trained row: TRL's logged
   `num_tokens`, jaxsft's per-step `num_input_tokens`) divided by the wall time from the end of step 1 to the
-  end of step N. Step 1 is excluded: it holds jaxsft's compilation and torch's warm-up. Loss tokens are the
+  end of step N, less the seconds jaxsft spent compiling the step for a row width first met in steps 2..N
+  (the 'compile' column; steady state: each width compiles once per run; the JSON also has
+  tokens_per_s_with_compile). Step 1 is excluded: it holds jaxsft's first compilation and torch's warm-up. Loss tokens are the
   non-padding tokens minus one per conversation on both sides.
 * tokens/cpu-s: the same tokens divided by the process's CPU time (user + system, all threads) over the same
-  steps. On a shared machine another process takes cores from either side at random and wall-clock rates move
+  steps, less the compile seconds (XLA compiles on one thread). On a shared machine another process takes cores from either side at random and wall-clock rates move
   by up to 2x; CPU time moves much less, so this is the figure to compare when the load is not ~0.
 * positions/s and non-pad: token positions computed (padding included) per second, and the non-padding share
   of them: how much of each side's work is padding.
@@ -81,6 +89,11 @@ RUNS = {  # name → (side, settings that differ from the equal-settings run).
     # step computes only the rows its conversations fill (see `launch`).
     'jaxsft_padding_free': ('jaxsft', {'padding_free': True}),
 }
+# Named with --runs only (not in 'all'): jaxsft's other row layouts of the equal-settings run.
+EXTRA_RUNS = {
+    'jaxsft_pow2_buckets': ('jaxsft', {'length_buckets': 'pow2'}),
+    'jaxsft_no_buckets': ('jaxsft', {'length_buckets': 'none'}),  # Every unpacked row max_length long.
+}
 
 
 # Presets: model sizes and run settings. 'cpu' is the default benchmark; 'quick' only checks that the script
@@ -89,16 +102,26 @@ QWEN_VOCAB = 151_936
 PRESETS = {
     'cpu': dict(sizes=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
                            num_key_value_heads=2, vocab_size=32_768),
-                steps=8, batch_size=4, max_length=512, median_tokens=200, num_conversations=2000, bf16=False),
+                steps=8, batch_size=4, accumulation=1, max_length=512, median_tokens=200, num_conversations=2000,
+                bf16=False),
+    # Rows much shorter than max_length, as users who set max_length to their longest conversation train them:
+    # TRL pads each batch to its longest row, jaxsft to its length bucket (jaxsft/data/buckets.py).
+    'cpu_long': dict(sizes=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=8192),
+                     steps=8, batch_size=4, accumulation=4, max_length=2048, median_tokens=340,
+                     num_conversations=2000, bf16=False),
     'quick': dict(sizes=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=1024),
-                  steps=3, batch_size=4, max_length=128, median_tokens=40, num_conversations=48, bf16=False),
+                  steps=3, batch_size=4, accumulation=1, max_length=128, median_tokens=40, num_conversations=48,
+                  bf16=False),
     'qwen2.5-0.5b': dict(sizes=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                                     num_attention_heads=14, num_key_value_heads=2, vocab_size=QWEN_VOCAB),
-                         steps=20, batch_size=8, max_length=1024, median_tokens=400, num_conversations=4000, bf16=True),
+                         steps=20, batch_size=8, accumulation=1, max_length=1024, median_tokens=400,
+                         num_conversations=4000, bf16=True),
     'qwen2.5-1.5b': dict(sizes=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                                     num_attention_heads=12, num_key_value_heads=2, vocab_size=QWEN_VOCAB),
-                         steps=20, batch_size=8, max_length=1024, median_tokens=400, num_conversations=4000, bf16=True),
+                         steps=20, batch_size=8, accumulation=1, max_length=1024, median_tokens=400,
+                         num_conversations=4000, bf16=True),
 }
 
 
@@ -109,7 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--quick', action='store_true', help="= --preset quick: tiny model, 3 steps (a smoke test)")
   parser.add_argument('--steps', type=int, help='optimizer steps per run (cpu: 8)')
   parser.add_argument('--batch-size', type=int, help='per_device_train_batch_size, both sides (cpu: 4)')
-  parser.add_argument('--accumulation', type=int, default=1, help='gradient_accumulation_steps, both sides')
+  parser.add_argument('--accumulation', type=int, help='gradient_accumulation_steps, both sides (cpu: 1)')
   parser.add_argument('--max-length', type=int, help='max_length (cpu: 512)')
   parser.add_argument('--median-tokens', type=int, help='median conversation length in tokens (cpu: 200)')
   parser.add_argument('--num-conversations', type=int, help='dataset rows (cpu: 2000)')
@@ -120,7 +143,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--intermediate-size', type=int)
   parser.add_argument('--layers', type=int)
   parser.add_argument('--vocab-size', type=int)
-  parser.add_argument('--runs', default='all', help=f"comma-separated subset of: {', '.join(RUNS)}")
+  parser.add_argument('--runs', default='all', help=f"comma-separated subset of: {', '.join([*RUNS, *EXTRA_RUNS])} "
+                      "('all': all but the last two)")
   parser.add_argument('--parallel', type=int, default=1,
                       help='runs at once (smoke tests only: concurrent runs share the cores, so figures mean nothing)')
   parser.add_argument('--seed', type=int, default=0)
@@ -129,7 +153,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--worker', help=argparse.SUPPRESS)  # Internal: run one side in this process.
   args = parser.parse_args(argv)
   preset = PRESETS['quick' if args.quick else args.preset]
-  for key in ('steps', 'batch_size', 'max_length', 'median_tokens', 'num_conversations'):
+  for key in ('steps', 'batch_size', 'accumulation', 'max_length', 'median_tokens', 'num_conversations'):
     if getattr(args, key) is None:
       setattr(args, key, preset[key])
   args.bf16 = preset['bf16'] if args.bf16 is None else args.bf16 == 'true'
@@ -291,10 +315,11 @@ def jaxsft_worker(spec: dict) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from jaxsft import config as config_lib  # pylint: disable=import-outside-toplevel
   from jaxsft import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  from jaxsft import step as step_lib  # pylint: disable=import-outside-toplevel
   from jaxsft import trainer  # pylint: disable=import-outside-toplevel
   from jaxsft.data import pipeline  # pylint: disable=import-outside-toplevel
-  steps, input_tokens, micro_batches = [], {}, {}
-  write, getitem = metrics_lib.MetricsWriter.write, pipeline.StepSource.__getitem__
+  steps, input_tokens, positions_of, compile_seconds = [], {}, {}, []
+  write, getitem, call = metrics_lib.MetricsWriter.write, pipeline.StepSource.__getitem__, step_lib.TrainStep.__call__
 
   def timed_write(self, row):
     if 'loss' in row:
@@ -307,11 +332,17 @@ def jaxsft_worker(spec: dict) -> dict:
   def counted_getitem(self, step):
     element = getitem(self, step)
     input_tokens[step] = int(element['num_input_tokens'])
-    micro_batches[step] = len(element['micro_batches'])
+    positions_of[step] = int(element['num_positions'])  # Padding included, at each micro-batch's row width.
     return element
+
+  def timed_call(self, *args):
+    out = call(self, *args)
+    compile_seconds.append(self.last_compile_seconds)  # Programs compiled for a new row width in this step.
+    return out
 
   metrics_lib.MetricsWriter.write = timed_write
   pipeline.StepSource.__getitem__ = counted_getitem
+  step_lib.TrainStep.__call__ = timed_call
   s = spec['settings']
   config = config_lib.base_config()
   config.model_name_or_path = spec['model_dir']
@@ -331,16 +362,16 @@ def jaxsft_worker(spec: dict) -> dict:
   config.gradient_checkpointing = s['gradient_checkpointing']
   config.packing = s.get('packing', False)
   config.padding_free = s.get('padding_free', False)
+  config.length_buckets = s.get('length_buckets', 'auto')
   config.seed = s['seed']
   config.lock()
   trainer.run(config)
-  total = positions = 0
-  # Static shapes: every row of every micro-batch is max_length long (padding-free steps have fewer micro-batches).
-  per_micro_batch = s['batch_size'] * jax.device_count() * s['max_length']
+  total = positions = compiling = 0
   for i, step in enumerate(steps):
     total += input_tokens[i]
-    positions += per_micro_batch * micro_batches[i]
-    step.update(tokens=total, positions=positions)
+    positions += positions_of[i]
+    compiling += compile_seconds[i]
+    step.update(tokens=total, positions=positions, compile=compiling)
   device = jax.devices()[0]
   return {'steps': steps, 'device': f'{jax.device_count()} x {device.device_kind}',
           'peak_flops': metrics_lib.peak_flops_per_device(device)}
@@ -358,7 +389,7 @@ def run_worker(args) -> None:
 
 def launch(name: str, args, model_dir: str, data_file: str, workdir: str) -> dict:
   """Runs one (side, settings) in a fresh process; returns its figures."""
-  side, extra = RUNS[name]
+  side, extra = {**RUNS, **EXTRA_RUNS}[name]
   out = os.path.join(workdir, name)
   os.makedirs(out, exist_ok=True)
   settings = dict(steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
@@ -392,26 +423,31 @@ def launch(name: str, args, model_dir: str, data_file: str, workdir: str) -> dic
 
 
 def summarize(steps: list[dict], start: float, num_steps: int) -> dict:
-  """Tokens/s over steps 2..N, time to step 1, peak memory at step N (module docstring)."""
+  """Tokens/s over steps 2..N (steady state: compilations of new row widths excluded), time to step 1, peak
+  memory at step N (module docstring)."""
   if len(steps) != num_steps:
     raise RuntimeError(f'expected {num_steps} steps, got {len(steps)}')
   first, last = steps[0], steps[-1]
-  seconds = last['time'] - first['time']
+  compiling = last.get('compile', 0.0) - first.get('compile', 0.0)
+  wall = last['time'] - first['time']
+  seconds = wall - compiling
   tokens = last['tokens'] - first['tokens']
   positions = last['positions'] - first['positions']
-  step_seconds = sorted(b['time'] - a['time'] for a, b in zip(steps, steps[1:]))
-  return dict(tokens_per_s=tokens / seconds, timed_tokens=tokens, timed_s=seconds, first_step_s=first['time'] - start,
+  step_seconds = sorted((b['time'] - a['time']) - (b.get('compile', 0.0) - a.get('compile', 0.0))
+                        for a, b in zip(steps, steps[1:]))
+  return dict(tokens_per_s=tokens / seconds, tokens_per_s_with_compile=tokens / wall, timed_tokens=tokens,
+              timed_s=seconds, compile_s=compiling, first_step_s=first['time'] - start,
               peak_mib=last['peak_rss'] / 2**20, step_s_median=step_seconds[len(step_seconds) // 2],
               positions_per_s=positions / seconds, padding_efficiency=tokens / positions,
-              tokens_per_cpu_s=tokens / (last['cpu'] - first['cpu']),
+              tokens_per_cpu_s=tokens / (last['cpu'] - first['cpu'] - compiling),
               peak_device_mib=None if last.get('peak_device') is None else last['peak_device'] / 2**20)
 
 
-HEADER = ('', 'tokens/s', 'tokens/cpu-s', 'positions/s', 'non-pad', '1st step', 'peak memory', 'step')
+HEADER = ('', 'tokens/s', 'tokens/cpu-s', 'positions/s', 'non-pad', '1st step', 'peak memory', 'step', 'compile')
 
 
 def _row(*cells) -> str:
-  return '{:<30} {:>9} {:>12} {:>11} {:>7} {:>9} {:>11} {:>7}'.format(*cells)
+  return '{:<30} {:>9} {:>12} {:>11} {:>7} {:>9} {:>11} {:>7} {:>8}'.format(*cells)
 
 
 def report(results: dict) -> dict:
@@ -422,7 +458,8 @@ def report(results: dict) -> dict:
     label = f'{r["side"]} {name.replace(r["side"], "").strip("_") or "equal settings"}'
     print(_row(label, f'{r["tokens_per_s"]:,.0f}', f'{r["tokens_per_cpu_s"]:,.0f}', f'{r["positions_per_s"]:,.0f}',
                f'{r["padding_efficiency"]:.1%}',
-               f'{r["first_step_s"]:.1f} s', f'{r["peak_mib"]:,.0f} MiB', f'{r["step_s_median"]:.2f} s'))
+               f'{r["first_step_s"]:.1f} s', f'{r["peak_mib"]:,.0f} MiB', f'{r["step_s_median"]:.2f} s',
+               f'{r["compile_s"]:.1f} s'))
   _report_device(results)
   ratios = {}
   if 'trl' in results and 'jaxsft' in results:
@@ -469,9 +506,9 @@ def main(argv=None) -> dict:
     run_worker(args)
     return {}
   names = list(RUNS) if args.runs == 'all' else args.runs.split(',')
-  unknown = sorted(set(names) - set(RUNS))
+  unknown = sorted(set(names) - set(RUNS) - set(EXTRA_RUNS))
   if unknown:
-    raise SystemExit(f'--runs: unknown {", ".join(unknown)}; expected some of {", ".join(RUNS)}')
+    raise SystemExit(f'--runs: unknown {", ".join(unknown)}; expected some of {", ".join([*RUNS, *EXTRA_RUNS])}')
   own_workdir = args.workdir is None
   workdir = tempfile.mkdtemp(prefix='jaxsft-vs-trl-') if own_workdir else args.workdir
   os.makedirs(workdir, exist_ok=True)

@@ -19,8 +19,8 @@ from ml_collections import config_dict
 from jaxsft import fields
 from jaxsft.errors import InputError
 # The names a choice field takes (fields.py is their home; config.SCHEDULES and the rest stay importable from here).
-from jaxsft.fields import (ATTENTION_IMPLS, EVAL_STRATEGIES, EXPORT_DTYPES, MODEL_INITS, NONFINITE_POLICIES,
-                           REMAT_POLICIES, REPORT_TO, SCHEDULES)
+from jaxsft.fields import (ATTENTION_IMPLS, EVAL_STRATEGIES, EXPORT_DTYPES, LENGTH_BUCKETS, MODEL_INITS,
+                           NONFINITE_POLICIES, REMAT_POLICIES, REPORT_TO, SCHEDULES)
 
 
 def base_config() -> config_dict.ConfigDict:
@@ -89,6 +89,7 @@ def validate(config: config_dict.ConfigDict) -> None:
     raise InputError(f"config field 'resume_from_checkpoint': no such directory {config.resume_from_checkpoint!r}")
   _choice(config.lr_scheduler_type, 'lr_scheduler_type', SCHEDULES)
   _choice(config.nonfinite_policy, 'nonfinite_policy', NONFINITE_POLICIES)
+  _choice(config.length_buckets, 'length_buckets', LENGTH_BUCKETS)
   _choice(config.model.attention_impl, 'model.attention_impl', ATTENTION_IMPLS)
   if config.model.remat is not None:
     _choice(config.model.remat, 'model.remat', REMAT_POLICIES)

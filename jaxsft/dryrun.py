@@ -84,6 +84,7 @@ def lower_step(config, hf_cfg: dict, devices, *, target=None):
   from jaxsft import sharding  # pylint: disable=import-outside-toplevel
   from jaxsft import state as state_lib  # pylint: disable=import-outside-toplevel
   from jaxsft import step as step_lib  # pylint: disable=import-outside-toplevel
+  from jaxsft.data import buckets  # pylint: disable=import-outside-toplevel
   from jaxsft.data import packing  # pylint: disable=import-outside-toplevel
   from jaxsft.models import attention  # pylint: disable=import-outside-toplevel
 
@@ -106,6 +107,9 @@ def lower_step(config, hf_cfg: dict, devices, *, target=None):
       'model': f'{hf_cfg.get("model_type")} with {num_params / 1e9:.3f}B parameters',
       'mesh': dict(mesh.shape), 'per_device': per_device, 'accumulation': accumulation, 'rows': rows,
       'max_length': config.max_length, 'remat': model_cfg.remat, 'compute_dtype': model_cfg.dtype,
+      'length_buckets': config.length_buckets,
+      'widths': (None if config.packing or config.padding_free else
+                 buckets.widths(config.max_length, config.length_buckets)),
       'parameters': sharding.bytes_per_device(state['params']),
       'optimizer_state': sharding.bytes_per_device(state['opt_state']),
       'hbm': target.hbm_bytes if target is not None else None,
@@ -192,6 +196,10 @@ def print_report(report: dict, mfu: float) -> None:
         f"{report['rows']} rows × {report['max_length']} tokens ({report['per_device']} per chip); "
         f"remat {report['remat']}; compute {report['compute_dtype']}; attention {report['attention']}"
         + ('' if not report.get('splash_kernels') else ' (Pallas kernels in the program)'))
+  if report.get('widths') and len(report['widths']) > 1:
+    print(f"row widths (length_buckets={report['length_buckets']}): {len(report['widths'])}, "
+          f"{report['widths'][0]} to {report['widths'][-1]} tokens, each compiled when a micro-batch first needs it; "
+          'sized here: the widest (the others need less)')
   if len(report['programs']) > 1:
     peaks = ', '.join(f'{name} {peak / GIB:.2f} GiB' for name, peak in report['programs'].items())
     print(f"programs (peak per chip): {peaks}; the table: {report['peak_program']}")

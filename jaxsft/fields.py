@@ -43,6 +43,7 @@ EXPORT_DTYPES = ('bfloat16', 'float32')
 EVAL_STRATEGIES = ('no', 'steps', 'epoch')
 REPORT_TO = ('tensorboard', 'wandb')
 NONFINITE_POLICIES = ('stop', 'skip')  # jaxsft/guard.py.
+LENGTH_BUCKETS = ('auto', 'pow2', 'none')  # jaxsft/data/buckets.py.
 
 
 class Placeholder(NamedTuple):
@@ -91,6 +92,10 @@ FIELDS = (
     F('padding_free', False, 'Unpacked steps (the same conversations per step as packing=False) laid out '
       'best-fit-decreasing into the fewest max_length rows: the unpacked loss, with far fewer padding tokens '
       "computed (TRL's padding_free).", SFT_CONFIG, harmless=True),
+    F('length_buckets', 'auto', "Unpacked rows (packing and padding_free off): each micro-batch padded to the "
+      "smallest of a few widths holding its longest row, one compiled step per width: 'auto' (128, 256, 384, 512, "
+      "768, ...: at most 1.5x the longest row past 256), 'pow2' (128, 256, 512, ...: fewer compiles), 'none' (every row "
+      'max_length, one compile). jaxsft/data/buckets.py.', harmless=True),
     F('skip_bad_rows', False, 'False: a malformed row is an error naming it; True: skipped and counted.'),
     F('dataset_num_proc', _INT, 'Processes for the length pass; None: all CPU cores.', SFT_CONFIG, harmless=True),
     F('dataloader_num_workers', 0, 'grain worker processes that tokenize batches (0: threads in-process).',

@@ -9,7 +9,8 @@ A new concern adds an action; the loop itself does not grow.
 
 Timing: the first step of the run (compilation included) is timed on its own and reported once, with the
 compilation alone, as 'compile_seconds' / 'first_step_seconds' in the first row; tokens/s, step_time and MFU
-cover the later steps, without evaluation time.
+cover the later steps, without evaluation time and without the compilations of later row widths
+(jaxsft/data/buckets.py); 'non_padding' is the share of the computed positions that are tokens.
 """
 
 import dataclasses
@@ -92,8 +93,10 @@ class Logger:
       log(f'first step (compilation included) took {self._first_row_extra["first_step_seconds"]:.1f}s')
       run.throughput.reset()
     else:
+      run.throughput.exclude(run.step_fn.last_compile_seconds)  # A new row width compiled: not step time.
       run.throughput.add_step(element['num_targets'], element['num_input_tokens'],
-                              [s['attended_keys'] for s in run.window[-1] if 'attended_keys' in s] or None)
+                              [s['attended_keys'] for s in run.window[-1] if 'attended_keys' in s] or None,
+                              num_positions=element.get('num_positions', 0))
     self.bar.step()
     if run.step % self.every and run.step != run.geometry.total_steps:
       return

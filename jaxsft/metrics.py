@@ -161,7 +161,8 @@ class MetricsWriter:
 class Throughput:
   """Tokens per second, seconds per step and MFU over the optimizer steps timed since the last `measure`.
 
-  The clock runs from `reset` to `measure`, minus the intervals between `pause` and `resume` (evaluation).
+  The clock runs from `reset` to `measure`, minus the intervals between `pause` and `resume` (evaluation) and
+  the seconds passed to `exclude` (compilations of later steps).
   The caller makes sure the devices have finished the timed steps before `measure` (the metrics fetch does)
   and before `pause`. Each `add_step` may pass the step's attended-key counts as device scalars: they are
   fetched only in `measure`, so timing a step never synchronises. Without them every token is assumed to
@@ -181,6 +182,7 @@ class Throughput:
     self._pause_start = None
     self._steps = 0
     self._loss_tokens = self._all_tokens = 0.0
+    self._positions = 0.0  # Positions computed, padding included (0: not known).
     self._keys = []  # Attended-key counts (device or host scalars), one list per step.
     self._keys_known = True
 
@@ -193,11 +195,17 @@ class Throughput:
       self._paused_seconds += time.perf_counter() - self._pause_start
       self._pause_start = None
 
-  def add_step(self, num_loss_tokens: float, num_all_tokens: float, keys=None) -> None:
-    """One timed optimizer step: its loss tokens, non-padding tokens and (optionally) attended keys."""
+  def exclude(self, seconds: float) -> None:
+    """Takes `seconds` (a compilation on the host, for a new row width) off the timed interval."""
+    self._paused_seconds += seconds
+
+  def add_step(self, num_loss_tokens: float, num_all_tokens: float, keys=None, num_positions: float = 0) -> None:
+    """One timed optimizer step: its loss tokens, non-padding tokens, (optionally) attended keys and positions
+    computed (padding included)."""
     self._steps += 1
     self._loss_tokens += num_loss_tokens
     self._all_tokens += num_all_tokens
+    self._positions += num_positions
     if keys is None:
       self._keys_known = False
     else:
@@ -216,7 +224,9 @@ class Throughput:
     return train_flops(self.cfg, self._all_tokens, keys)
 
   def measure(self) -> dict:
-    """tokens_per_second (loss tokens), all_tokens_per_second (non-padding), step_time (s), mfu; then resets.
+    """tokens_per_second (loss tokens), all_tokens_per_second (non-padding), step_time (s), mfu (non-padding work
+    only: padding is not useful FLOPs) and, when the positions are known, non_padding (the share of the computed
+    positions that are tokens); then resets.
 
     With no step timed (the window held only the compilation step) the figures are None.
     """
@@ -230,5 +240,7 @@ class Throughput:
           'step_time': seconds / self._steps,
           'mfu': self.flops() / seconds / self.peak_total if self.peak_total else None,
       }
+      if self._positions:
+        row['non_padding'] = self._all_tokens / self._positions
     self.reset()
     return row

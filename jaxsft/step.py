@@ -52,6 +52,7 @@ class TrainStep:
     self.loss_chunk_size = loss_chunk_size
     self.attention_windows = attention_windows
     self.compile_seconds = None  # Of the programs compiled for the first step.
+    self.last_compile_seconds = 0.0  # Of those compiled by the last call (a new row width: data/buckets.py).
     self._compiled = {}
     # With shardings: the new state keeps the partitioning of the old one (and its buffers, donated); the
     # accumulator is partitioned as the parameters (ZeRO-3: as their gradients are reduce-scattered).
@@ -112,6 +113,7 @@ class TrainStep:
       all_sums[-1] = dict(all_sums[-1], grad_norm=grad_norm)
     if self.compile_seconds is None:
       self.compile_seconds = self._compile_seconds_now
+    self.last_compile_seconds = self._compile_seconds_now
     return state, all_sums
 
   def step(self, state, batch, inv_step_tokens):

@@ -129,6 +129,7 @@ def test_value_names_equal_the_implementations():
     ('model.attention_impl', fields.ATTENTION_IMPLS), ('model_init', fields.MODEL_INITS),
     ('eval_strategy', fields.EVAL_STRATEGIES), ('export_dtype', fields.EXPORT_DTYPES),
     ('nonfinite_policy', fields.NONFINITE_POLICIES),
+    ('length_buckets', fields.LENGTH_BUCKETS),
 ])
 def test_validate_is_where_names_are_checked(field, names):
   """Each name passes config.validate; any other value is an InputError naming the field and the choices."""

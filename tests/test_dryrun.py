@@ -43,9 +43,12 @@ def test_unknown_model_shape_is_one_line_error():
 @pytest.mark.slow
 def test_r1_distill_compiles_at_the_qwen25_7b_shape():
   # The real shape (7.6B parameters, ZeRO-3 over 8 devices) at a shorter sequence, to keep CI lean.
-  proc = _dryrun('--config', 'configs/r1_distill.py', '--devices', '8', '--config.max_length=2048')
+  proc = _dryrun('--config', 'configs/r1_distill.py', '--devices', '8', '--config.max_length=2048',
+                 '--config.padding_free=false')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'qwen2 with 7.6' in proc.stdout, proc.stdout
+  # Unpacked rows (padding_free off): the step is sized at the widest of its length buckets.
+  assert 'row widths (length_buckets=auto): 8, 128 to 2048 tokens' in proc.stdout, proc.stdout
   table = _table(proc.stdout)
   # float32 parameters: 7.6e9 × 4 B / 8 devices ≈ 3.5 GiB; Adam's two moments ≈ 2× (the gradient accumulator
   # of the 8 micro-batches is a temporary of the step, not optimizer state).

@@ -35,6 +35,7 @@ import math
 import grain
 import numpy as np
 
+from jaxsft.data import buckets
 from jaxsft.data import formats
 from jaxsft.data import index as index_lib
 from jaxsft.data import packing
@@ -101,15 +102,18 @@ def _permutation(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
 class StepSource:
   """Random access to this process's part of every optimizer step (a grain data source).
 
-  `source[s]` = {'micro_batches': [micro_batches_per_step[s] × {key: int32 [local_rows, seq_len]}], 'num_targets': loss
-  tokens of the whole global step, 'num_input_tokens': its non-padding tokens, 'epoch': e}. Steps past the end
-  of the plan within an epoch are filled
-  with empty rows (no loss tokens), so every step has the same shape.
+  `source[s]` = {'micro_batches': [micro_batches_per_step[s] × {key: int32 [local_rows, width]}], 'num_targets': loss
+  tokens of the whole global step, 'num_input_tokens': its non-padding tokens, 'num_positions': the positions its
+  micro-batches compute (padding included, every process), 'epoch': e}. Steps past the end of the plan within an
+  epoch are filled with empty rows (no loss tokens), so every step has the same number of rows.
+
+  `widths` (jaxsft/data/buckets.py): each micro-batch's width is the smallest of them that holds the longest row
+  of the micro-batch over every process (so all processes agree); by default every row is `seq_len` wide.
   """
 
   def __init__(self, source, tokenizer, options: index_lib.Options, plan: Plan, geometry: Geometry, *,
                seed: int, shuffle: bool, pad_id: int, process_index: int = 0, process_count: int = 1,
-               padding_free: bool = False):
+               padding_free: bool = False, widths: tuple[int, ...] | None = None):
     if geometry.micro_batch_size % process_count:
       raise ValueError(f'a micro-batch of {geometry.micro_batch_size} rows does not split over '
                        f'{process_count} processes')
@@ -120,6 +124,9 @@ class StepSource:
     self.process_index, self.process_count = process_index, process_count
     self.local_rows = geometry.micro_batch_size // process_count
     self.padding_free = padding_free
+    self.widths = tuple(widths) if widths else (plan.seq_len,)
+    if self.widths[-1] != plan.seq_len:
+      raise ValueError(f'the widest row width {self.widths[-1]} is not the plan\'s {plan.seq_len}')
     # Per step: micro-batches, and the most conversations in one row (sizes cuDNN's packed layout).
     self.micro_batches_per_step = np.full(len(self), geometry.accumulation, np.int32)
     self.max_documents_per_row = int(np.diff(plan.bins.offsets).max(initial=1))
@@ -162,7 +169,7 @@ class StepSource:
   def __getitem__(self, step: int) -> dict:
     if not 0 <= step < len(self):
       raise IndexError(step)
-    micro_batches, num_targets, num_input_tokens = [], 0, 0
+    micro_batches, num_targets, num_input_tokens, num_positions = [], 0, 0, 0
     lo, hi = self.process_index * self.local_rows, (self.process_index + 1) * self.local_rows
     global_rows = self.micro_batch_rows(step)
     mine = [rows[lo:hi] for rows in global_rows]
@@ -170,11 +177,14 @@ class StepSource:
     for rows, my_rows in zip(global_rows, mine):
       num_targets += sum(int(self.plan.num_targets[row].sum()) for row in rows)
       num_input_tokens += sum(int(self.plan.num_input_tokens[row].sum()) for row in rows)
+      width = buckets.width_for(max((int(self.plan.num_input_tokens[row].sum()) for row in rows), default=0),
+                                self.widths)
+      num_positions += width * self.geometry.micro_batch_size
       batch = [next(packed) for _ in my_rows]
       batch += [packing.empty_row(self.plan.seq_len, self.pad_id)] * (self.local_rows - len(my_rows))
-      micro_batches.append({key: np.stack([row[key] for row in batch]) for key in packing.BATCH_KEYS})
+      micro_batches.append({key: np.stack([row[key][:width] for row in batch]) for key in packing.BATCH_KEYS})
     return {'micro_batches': micro_batches, 'num_targets': num_targets, 'num_input_tokens': num_input_tokens,
-            'epoch': self.epoch_of(step)}
+            'num_positions': num_positions, 'epoch': self.epoch_of(step)}
 
   def _rows(self, layout: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
     """One packed row per entry of `layout` (each the plan rows laid out in it, in order); all their
