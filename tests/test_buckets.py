@@ -22,6 +22,7 @@ from jaxsft.data import index as index_lib
 from jaxsft.data import pipeline
 from jaxsft.data import sources
 from jaxsft.data import synthetic
+from jaxsft.errors import InputError
 from tests.helpers import models
 from tests.helpers import runs
 
@@ -48,7 +49,7 @@ def test_widths_and_the_width_for_a_row():
       128, 128, 128, 256, 384, 512, 2048, 2048]
   with pytest.raises(ValueError, match='2049 tokens'):
     buckets.width_for(2049, allowed)
-  with pytest.raises(ValueError, match='length_buckets'):
+  with pytest.raises(InputError, match="config field 'length_buckets' is 'sometimes'"):
     buckets.widths(2048, 'sometimes')
 
 

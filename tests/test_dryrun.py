@@ -40,6 +40,13 @@ def test_unknown_model_shape_is_one_line_error():
   assert 'Traceback' not in proc.stderr
 
 
+def test_unknown_length_buckets_is_one_line_error():
+  proc = _dryrun('--config', 'configs/r1_distill.py', '--config.padding_free=false', '--config.length_buckets=nope',
+                 '--devices', '2')
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+      "error: config field 'length_buckets' is 'nope'; expected one of auto, pow2, none"], proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_r1_distill_compiles_at_the_qwen25_7b_shape():
   # The real shape (7.6B parameters, ZeRO-3 over 8 devices) at a shorter sequence, to keep CI lean.

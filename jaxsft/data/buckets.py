@@ -17,6 +17,7 @@ Padding never changes the loss: its positions have weight 0 and segment 0 (no to
 bucketed step computes the padded-to-max_length step's sums up to float summation order.
 """
 
+from jaxsft.errors import InputError
 from jaxsft.fields import LENGTH_BUCKETS
 
 MIN_WIDTH = 128
@@ -25,7 +26,7 @@ MIN_WIDTH = 128
 def widths(max_length: int, scheme: str) -> tuple[int, ...]:
   """The allowed row widths for rows of at most `max_length` tokens, ascending; the last is `max_length`."""
   if scheme not in LENGTH_BUCKETS:
-    raise ValueError(f'length_buckets must be one of {LENGTH_BUCKETS}, got {scheme!r}')
+    raise InputError(f"config field 'length_buckets' is {scheme!r}; expected one of {', '.join(LENGTH_BUCKETS)}")
   if scheme == 'none' or max_length <= MIN_WIDTH:
     return (max_length,)
   found, power = {MIN_WIDTH}, MIN_WIDTH
@@ -35,6 +36,12 @@ def widths(max_length: int, scheme: str) -> tuple[int, ...]:
     if scheme == 'auto' and power >= 4 * MIN_WIDTH:  # 1.5x the previous power of two, from 384 (192 is no
       found.add(power * 3 // 4)                       # multiple of 128).
   return tuple(sorted(w for w in found if w < max_length)) + (max_length,)
+
+
+def row_widths(config, *, packed: bool) -> tuple[int, ...] | None:
+  """The widths a run's micro-batches take: its length buckets for unpacked rows; None (max_length) for packed
+  and padding-free rows, which fill it."""
+  return None if packed else widths(config.max_length, config.length_buckets)
 
 
 def width_for(longest: int, allowed: tuple[int, ...]) -> int:
