@@ -50,11 +50,12 @@ The figures, defined identically for both sides:
   `num_tokens`, jaxsft's per-step `num_input_tokens`) divided by the wall time from the end of step 1 to the
   end of step N, less the seconds jaxsft spent compiling the step for a row width first met in steps 2..N
   (the 'compile' column; steady state: each width compiles once per run; the JSON also has
-  tokens_per_s_with_compile). Step 1 is excluded: it holds jaxsft's first compilation and torch's warm-up. Loss tokens are the
-  non-padding tokens minus one per conversation on both sides.
+  tokens_per_s_with_compile). Step 1 is excluded: it holds jaxsft's first compilation and torch's warm-up. Loss
+  tokens are the non-padding tokens minus one per conversation on both sides.
 * tokens/cpu-s: the same tokens divided by the process's CPU time (user + system, all threads) over the same
-  steps, less the compile seconds (XLA compiles on one thread). On a shared machine another process takes cores from either side at random and wall-clock rates move
-  by up to 2x; CPU time moves much less, so this is the figure to compare when the load is not ~0.
+  steps, less the compile seconds (XLA compiles on one thread). On a shared machine another process takes cores
+  from either side at random and wall-clock rates move by up to 2x; CPU time moves much less, so this is the
+  figure to compare when the load is not ~0.
 * positions/s and non-pad: token positions computed (padding included) per second, and the non-padding share
   of them: how much of each side's work is padding.
 * time to first step: wall time from the launch of the run's process (interpreter start, imports, model

@@ -236,7 +236,8 @@ class Manager:
       self._manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                                       meta=ocp.args.JsonSave(meta)), force=True)
     except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds; all mean "not saved")
-      raise CheckpointError(f'saving checkpoint {step} to {self.root!r} failed: {one_line(e, 485, typed=True, keep_end=True)}') from e
+      raise CheckpointError(f'saving checkpoint {step} to {self.root!r} failed: '
+                            f'{one_line(e, 485, typed=True, keep_end=True)}') from e
     self._pending = (step, t0)
     self.last_save = dict(self.last_save, step=step, blocking_seconds=time.perf_counter() - t0)
     self.last_save.pop('total_seconds', None)

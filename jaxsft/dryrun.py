@@ -108,8 +108,7 @@ def lower_step(config, hf_cfg: dict, devices, *, target=None):
       'mesh': dict(mesh.shape), 'per_device': per_device, 'accumulation': accumulation, 'rows': rows,
       'max_length': config.max_length, 'remat': model_cfg.remat, 'compute_dtype': model_cfg.dtype,
       'length_buckets': config.length_buckets,
-      'widths': (None if config.packing or config.padding_free else
-                 buckets.widths(config.max_length, config.length_buckets)),
+      'widths': buckets.row_widths(config, packed=config.packing or config.padding_free),
       'parameters': sharding.bytes_per_device(state['params']),
       'optimizer_state': sharding.bytes_per_device(state['opt_state']),
       'hbm': target.hbm_bytes if target is not None else None,
@@ -244,7 +243,8 @@ def find_batch(config, hf_cfg: dict, devices, target, mfu: float) -> int:
       high = mid - 1
   if best_report is not None:
     print_report(best_report, mfu)
-    ceiling = ' (the largest tried: more may fit)' if best == candidates[-1] and config.global_batch_size is None else ''
+    largest = best == candidates[-1] and config.global_batch_size is None
+    ceiling = ' (the largest tried: more may fit)' if largest else ''
     print(f'largest per_device_train_batch_size that fits: {best}{ceiling}')
   return best
 

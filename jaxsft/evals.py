@@ -1,8 +1,8 @@
 """Evaluation of a model during and after training: eval loss, eval-time generations, the synthetic accuracy check.
 
 `eval_loss` is the token-weighted loss (and accuracy, entropy) over a whole eval split, through the train step's
-eval program on the training mesh. `eval_generations` answers the first usable prompts of an eval split with the KV-cache sampler
-(`jaxsft.sampler`); `prompt_of_row` is how a dataset row becomes a prompt and a reference.
+eval program on the training mesh. `eval_generations` answers the first usable prompts of an eval split with the
+KV-cache sampler (`jaxsft.sampler`); `prompt_of_row` is how a dataset row becomes a prompt and a reference.
 `evaluate_accuracy` greedy-decodes held-out synthetic problems (`jaxsft.data.synthetic.held_out_problems`) and
 scores the exact match of their answers.
 """

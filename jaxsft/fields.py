@@ -94,8 +94,8 @@ FIELDS = (
       "computed (TRL's padding_free).", SFT_CONFIG, harmless=True),
     F('length_buckets', 'auto', "Unpacked rows (packing and padding_free off): each micro-batch padded to the "
       "smallest of a few widths holding its longest row, one compiled step per width: 'auto' (128, 256, 384, 512, "
-      "768, ...: at most 1.5x the longest row past 256), 'pow2' (128, 256, 512, ...: fewer compiles), 'none' (every row "
-      'max_length, one compile). jaxsft/data/buckets.py.', harmless=True),
+      "768, ...: at most 1.5x the longest row past 256), 'pow2' (128, 256, 512, ...: fewer compiles), 'none' "
+      '(every row max_length, one compile). jaxsft/data/buckets.py.', harmless=True),
     F('skip_bad_rows', False, 'False: a malformed row is an error naming it; True: skipped and counted.'),
     F('dataset_num_proc', _INT, 'Processes for the length pass; None: all CPU cores.', SFT_CONFIG, harmless=True),
     F('dataloader_num_workers', 0, 'grain worker processes that tokenize batches (0: threads in-process).',

@@ -96,7 +96,7 @@ class Logger:
       run.throughput.exclude(run.step_fn.last_compile_seconds)  # A new row width compiled: not step time.
       run.throughput.add_step(element['num_targets'], element['num_input_tokens'],
                               [s['attended_keys'] for s in run.window[-1] if 'attended_keys' in s] or None,
-                              num_positions=element.get('num_positions', 0))
+                              num_positions=element['num_positions'])
     self.bar.step()
     if run.step % self.every and run.step != run.geometry.total_steps:
       return

@@ -239,7 +239,8 @@ def _wandb_run(output_dir: str, run_config: dict | None, *, run_name, project, e
                      name=run_name or os.path.basename(os.path.normpath(output_dir)), dir=output_dir,
                      config=run_config, id=run_id, resume='allow')
   except Exception as e:  # pylint: disable=broad-except  (network, server, permissions: all one line)
-    raise InputError(f"config field 'report_to' names 'wandb' but W&B could not start a run ({one_line(e, 300, typed=True)}); "
+    raise InputError(f"config field 'report_to' names 'wandb' but W&B could not start a run "
+                     f"({one_line(e, 300, typed=True)}); "
                      'check `wandb login` and the network, or set WANDB_MODE=offline to log locally') from None
   if run_id is None and run.id:
     tmp = id_path + '.tmp'

@@ -175,10 +175,10 @@ class StepSource:
     mine = [rows[lo:hi] for rows in global_rows]
     packed = iter(self._rows([row for rows in mine for row in rows]))  # The whole step's rows in one call.
     for rows, my_rows in zip(global_rows, mine):
+      lengths = [int(self.plan.num_input_tokens[row].sum()) for row in rows]  # Each row's tokens, all processes.
       num_targets += sum(int(self.plan.num_targets[row].sum()) for row in rows)
-      num_input_tokens += sum(int(self.plan.num_input_tokens[row].sum()) for row in rows)
-      width = buckets.width_for(max((int(self.plan.num_input_tokens[row].sum()) for row in rows), default=0),
-                                self.widths)
+      num_input_tokens += sum(lengths)
+      width = buckets.width_for(max(lengths, default=0), self.widths)
       num_positions += width * self.geometry.micro_batch_size
       batch = [next(packed) for _ in my_rows]
       batch += [packing.empty_row(self.plan.seq_len, self.pad_id)] * (self.local_rows - len(my_rows))

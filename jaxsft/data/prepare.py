@@ -105,14 +105,6 @@ def _padding_free_efficiency(steps: pipeline.StepSource) -> float:
   return float(steps.plan.num_input_tokens.sum()) * epochs / max(computed, 1)
 
 
-def _widths(config: config_dict.ConfigDict, plan: pipeline.Plan, padding_free: bool) -> tuple[int, ...] | None:
-  """Row widths of the split's micro-batches (jaxsft/data/buckets.py): length buckets for unpacked rows; packed
-  and padding-free rows fill max_length, so they keep it."""
-  if plan.packed or padding_free:
-    return None
-  return buckets.widths(plan.seq_len, config.length_buckets)
-
-
 def prepare(config: config_dict.ConfigDict, tokenizer, *, micro_batch_size: int, eval_batch_size: int,
             process_index: int, process_count: int, log, accumulation: int | None = None) -> Data:
   """The train split (and the eval split when `config.eval_strategy` != 'no') of `config`.
@@ -134,7 +126,8 @@ def prepare(config: config_dict.ConfigDict, tokenizer, *, micro_batch_size: int,
   padding_free = config.padding_free and not config.packing
   steps = pipeline.StepSource(splits.train, tokenizer, options, plan, geometry, seed=config.seed, shuffle=True,
                               pad_id=pad_id, process_index=process_index, process_count=process_count,
-                              padding_free=padding_free, widths=_widths(config, plan, padding_free))
+                              padding_free=padding_free,
+                              widths=buckets.row_widths(config, packed=plan.packed or padding_free))
   log(f'data: {_describe(splits.train_name, index, plan, config.max_length)}; format {options.fmt}'
       + (f', assistant mask from {method}' if method else ''))
   if padding_free:
@@ -152,7 +145,8 @@ def prepare(config: config_dict.ConfigDict, tokenizer, *, micro_batch_size: int,
     eval_geometry = pipeline.Geometry.create(len(eval_plan), eval_batch_size, 1, 1.0, -1)
     eval_steps = pipeline.StepSource(splits.eval, tokenizer, eval_options, eval_plan, eval_geometry,
                                      seed=config.seed, shuffle=False, pad_id=pad_id, process_index=process_index,
-                                     process_count=process_count, widths=_widths(config, eval_plan, False))
+                                     process_count=process_count,
+                                     widths=buckets.row_widths(config, packed=eval_plan.packed))
     log(f'eval data: {_describe(splits.eval_name, eval_index, eval_plan, config.max_length)}')
     evaluation = Split(splits.eval_name, eval_index, eval_plan, eval_geometry, eval_steps)
   return Data(train, evaluation, options, method)
