@@ -28,9 +28,10 @@ The runs, each in its own subprocess (so memory is per run), one after the other
 steps (--steps, default 8) with the same learning rate (linear schedule), micro-batch (--batch-size, default 4),
 accumulation, max_length, seed, float32 compute (bf16=False), gradient checkpointing (default on: both trainers'
 default), logging every step, no checkpoint within the timed steps.
-* equal settings, packing=False: TRL's collator pads each batch to its longest row; jaxsft pads each
-  micro-batch to the smallest length bucket that holds its longest row (length_buckets='auto': 128, 256, 384,
-  512, 768, ...; one compiled step per bucket, on first use; jaxsft/data/buckets.py).
+* equal settings, packing=False: TRL's collator pads each batch to its longest row; jaxsft deals each
+  optimizer step's rows into its micro-batches longest first (the same rows per step, the same summed loss)
+  and pads each micro-batch to the smallest length bucket that holds its longest row (length_buckets='auto':
+  128, 256, 384, 512, 768, ...; one compiled step per bucket, on first use; jaxsft/data/buckets.py).
 * padding-free (jaxsft padding_free=True): the equal-settings steps, the same conversations per step, laid out
   best-fit-decreasing in as few rows as they fill, run as micro-batches of one row (batch 1 × accumulation
   batch-size), against TRL's equal-settings run.

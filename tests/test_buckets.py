@@ -78,17 +78,29 @@ def _steps(widths, process_index: int = 0, process_count: int = 1):
                              process_index=process_index, process_count=process_count, widths=widths)
 
 
-def test_a_bucketed_step_is_the_padded_step_with_its_trailing_padding_cut():
+def _longest_first(micro_batches, sizes):
+  """The padded layout's micro-batches with their real rows (the first `sizes[m]` of micro-batch m) dealt
+  longest first (ties in order), each micro-batch keeping its number of rows and its empty filler rows."""
+  real = {key: np.concatenate([mb[key][:n] for mb, n in zip(micro_batches, sizes)]) for key in micro_batches[0]}
+  order = np.argsort(-(real['segment_ids'] > 0).sum(axis=1), kind='stable')
+  ends = np.cumsum(sizes)
+  return [{key: np.concatenate([real[key][order][end - n:end], mb[key][n:]]) for key in mb}
+          for mb, n, end in zip(micro_batches, sizes, ends)]
+
+
+def test_a_bucketed_step_is_the_padded_step_longest_first_with_its_trailing_padding_cut():
   allowed = buckets.widths(MAX_LENGTH, 'auto')
   padded, bucketed = _steps(None), _steps(allowed)
   halves = [_steps(allowed, p, 2) for p in range(2)]
-  seen = set()
+  seen, positions = set(), [0, 0]
   for step in range(len(padded)):
-    a, b = padded[step], bucketed[step]
+    a, b, step_positions = padded[step], bucketed[step], [0, 0]
     assert (a['num_targets'], a['num_input_tokens']) == (b['num_targets'], b['num_input_tokens'])
     assert a['num_positions'] == 2 * 2 * MAX_LENGTH
     assert b['num_positions'] == sum(mb['input_ids'].size for mb in b['micro_batches'])
-    for m, (full, cut) in enumerate(zip(a['micro_batches'], b['micro_batches'])):
+    sizes = [len(rows) for rows in padded.global_rows(step)]
+    grouped = _longest_first(a['micro_batches'], sizes)
+    for m, (full, cut) in enumerate(zip(grouped, b['micro_batches'])):
       width = cut['input_ids'].shape[1]
       longest = int((full['segment_ids'] > 0).sum(axis=1).max())
       assert width == buckets.width_for(longest, allowed)
@@ -96,11 +108,18 @@ def test_a_bucketed_step_is_the_padded_step_with_its_trailing_padding_cut():
       for key in full:
         np.testing.assert_array_equal(full[key][:, :width], cut[key])
       assert not full['segment_ids'][:, width:].any() and not full['loss_mask'][:, width:].any()
+      ungrouped = int((a['micro_batches'][m]['segment_ids'] > 0).sum(axis=1).max())
+      step_positions[0] += 2 * width
+      step_positions[1] += 2 * buckets.width_for(ungrouped, allowed)
       # Each process holds its rows at the width of the whole micro-batch.
       parts = [h[step]['micro_batches'][m] for h in halves]
       assert all(p['input_ids'].shape == (1, width) for p in parts)
       np.testing.assert_array_equal(np.concatenate([p['input_ids'] for p in parts]), cut['input_ids'])
+    # Dealt longest first, a step never computes more positions than in its random micro-batches.
+    assert step_positions[0] <= step_positions[1]
+    positions = [p + q for p, q in zip(positions, step_positions)]
   assert seen == set(allowed)  # Every width occurs: the data spans them.
+  assert positions[0] < 0.9 * positions[1], positions
 
 
 @pytest.fixture(scope='module')
@@ -174,3 +193,22 @@ def test_training_follows_the_padded_run_and_resumes_bitwise(setup, monkeypatch)
   got = runs.hf_weights(out)
   for name, value in runs.hf_weights(root / 'bucketed').items():
     assert np.array_equal(got[name], value), name
+
+
+def test_an_unshuffled_bucketed_source_runs_its_rows_longest_first():
+  """Eval's layout: one pass, no shuffle, rows longest first so each micro-batch's rows pad each other little."""
+  tokenizer = transformers.AutoTokenizer.from_pretrained(ASSETS)
+  source = sources.RowList(_conversations(30, seed=5), 'chats', 'test')
+  options = index_lib.Options(fmt='messages', max_length=MAX_LENGTH, assistant_only_loss=True,
+                              completion_only_loss=None, dataset_text_field='text')
+  plan = pipeline.make_plan(index_lib.build_index(source, tokenizer, options, skip_bad_rows=False),
+                            seq_len=MAX_LENGTH, pack=False)
+  geometry = pipeline.Geometry.create(len(plan), 4, 1, 1.0, -1)
+  lengths = {}
+  for widths in (None, buckets.widths(MAX_LENGTH, 'auto')):
+    steps = pipeline.StepSource(source, tokenizer, options, plan, geometry, seed=0, shuffle=False, pad_id=0,
+                                widths=widths)
+    lengths[widths] = [int(n) for s in range(len(steps)) for mb in steps[s]['micro_batches']
+                       for n in (mb['segment_ids'] > 0).sum(axis=1) if n]
+  assert lengths[None] != sorted(lengths[None], reverse=True)  # Unbucketed: the split's own order.
+  assert lengths[buckets.widths(MAX_LENGTH, 'auto')] == sorted(lengths[None], reverse=True)

@@ -108,7 +108,10 @@ class StepSource:
   epoch are filled with empty rows (no loss tokens), so every step has the same number of rows.
 
   `widths` (jaxsft/data/buckets.py): each micro-batch's width is the smallest of them that holds the longest row
-  of the micro-batch over every process (so all processes agree); by default every row is `seq_len` wide.
+  of the micro-batch over every process (so all processes agree); by default every row is `seq_len` wide. With
+  more than one width, rows of similar length share micro-batches (`buckets.longest_first`): each step's rows are
+  dealt into its micro-batches longest first, and an unshuffled source (eval: one pass, token-weighted sums) runs
+  its rows longest first. A step trains on the same rows with the same summed loss and gradient either way.
   """
 
   def __init__(self, source, tokenizer, options: index_lib.Options, plan: Plan, geometry: Geometry, *,
@@ -125,6 +128,7 @@ class StepSource:
     self.local_rows = geometry.micro_batch_size // process_count
     self.padding_free = padding_free
     self.widths = tuple(widths) if widths else (plan.seq_len,)
+    self.grouped = len(self.widths) > 1 and not padding_free and not plan.packed
     if self.widths[-1] != plan.seq_len:
       raise ValueError(f'the widest row width {self.widths[-1]} is not the plan\'s {plan.seq_len}')
     # Per step: micro-batches, and the most conversations in one row (sizes cuDNN's packed layout).
@@ -147,6 +151,8 @@ class StepSource:
     g = self.geometry
     epoch, within = divmod(step, g.steps_per_epoch)
     order = _permutation(self.seed, epoch, len(self.plan), self.shuffle)
+    if self.grouped and not self.shuffle:
+      order = order[buckets.longest_first(self.plan.num_input_tokens[order])]
     rows = []
     for a in range(g.accumulation):
       m = within * g.accumulation + a
@@ -162,7 +168,13 @@ class StepSource:
   def micro_batch_rows(self, step: int) -> list[list[np.ndarray]]:
     """Each micro-batch of `step`, all processes: its rows, each row the plan rows laid out in it."""
     if not self.padding_free:
-      return [[rows[i:i + 1] for i in range(len(rows))] for rows in self.global_rows(step)]
+      micro_batches = self.global_rows(step)
+      if self.grouped:
+        rows = np.concatenate(micro_batches)
+        rows = rows[buckets.longest_first(self.plan.num_input_tokens[rows])]
+        ends = np.cumsum([len(m) for m in micro_batches])
+        micro_batches = np.split(rows, ends[:-1])
+      return [[rows[i:i + 1] for i in range(len(rows))] for rows in micro_batches]
     rows, g = self._padding_free_rows(step), self.geometry.micro_batch_size
     return [rows[m * g:(m + 1) * g] for m in range(int(self.micro_batches_per_step[step]))]
 

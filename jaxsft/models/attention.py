@@ -9,9 +9,10 @@ gives finite values. Logits are scaled by 1/sqrt(H) in every implementation.
 
 Implementations (`IMPLS`):
 
-* 'xla' (any backend): builds the boolean [B, 1, T, T] mask and calls `jax.nn.dot_product_attention(...,
-  implementation='xla')`: logits and softmax in float32, probabilities cast to the input dtype for the PV
-  product (as HF's eager attention). Memory O(B·N·T²).
+* 'xla' (any backend): `jax.nn.dot_product_attention(..., implementation='xla')` with a boolean mask, one block
+  of queries at a time against only the keys the block may see (causal: about half the pairs): logits and
+  softmax in float32, probabilities cast to the input dtype for the PV product (as HF's eager attention).
+  Memory O(B·N·T·Q) per block of Q queries.
 * 'cudnn' (NVIDIA, bf16/fp16 compute): cuDNN flash attention. The public `jax.nn.dot_product_attention` has
   no segment ids, so on Hopper or newer with cuDNN >= 9.6 packed rows go through cuDNN's packed layout
   (`jax._src.cudnn.fused_attention_stablehlo.dot_product_attention` with per-row `q_seqlen`/`q_offsets`,
@@ -53,6 +54,8 @@ IMPLS = fields.ATTENTION_IMPLS  # ('auto', 'xla', 'cudnn', 'splash'); config.val
 DEFAULT_MAX_SEGMENTS = 64  # cuDNN packed layout: runs of equal segment ids per row (see the module docstring).
 SPLASH_BLOCKS = (512, 256, 128)  # Candidate splash block sizes, largest first; T is padded to a multiple of 128.
 _LANES = 128
+XLA_QUERY_BLOCK = 128  # Queries per block of `xla_attention` (fastest measured on CPU at 1024 and 2048 positions).
+XLA_MAX_QUERY_BLOCKS = 16  # Past 16 * 128 positions the blocks grow instead (bounds the unrolled program).
 _PAD_SEGMENT = np.iinfo(np.int32).min  # Segment id of splash's alignment padding: equal to no real id.
 _FIELD = "config field 'model.attention_impl'"
 _warned: set[str] = set()
@@ -174,9 +177,41 @@ def make_mask(segment_ids_BxT: jax.Array, sliding_window: int | None) -> jax.Arr
   return (same_BxTxT & allowed_TxT[None])[:, None]
 
 
+def query_blocks(seq_len: int, sliding_window: int | None) -> list[tuple[int, int, int]]:
+  """(query start, query end, first key) of each query block of `xla_attention`: keys past a block's last query,
+  or before its first query's window, are masked for every query of it, so they are never computed."""
+  size = max(XLA_QUERY_BLOCK, -(-seq_len // XLA_MAX_QUERY_BLOCKS))
+  blocks = []
+  for start in range(0, seq_len, size):
+    first_key = 0 if sliding_window is None else max(0, start - sliding_window + 1)
+    blocks.append((start, min(start + size, seq_len), first_key))
+  return blocks
+
+
 def xla_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *, sliding_window: int | None) -> jax.Array:
-  mask_Bx1xTxT = make_mask(segment_ids_BxT, sliding_window)
-  return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask_Bx1xTxT, implementation='xla')
+  """`jax.nn.dot_product_attention` (XLA) one block of queries at a time, each against only the keys it may see.
+
+  Causal attention over T positions in one call computes every (query, key) pair and masks half of them; in
+  blocks of Q queries it computes about T * (T + Q) / 2 (T * (w + Q) with a window w), and each block's logits
+  stay in cache: on 2 CPU cores a 1024-position micro-batch's attention forward and backward takes 0.12 s in
+  blocks of 128 against 0.29 s whole (2048 positions: 0.45 s against 1.22 s). The blocks are unrolled (static
+  shapes), at most XLA_MAX_QUERY_BLOCKS of them. Each query's softmax runs over the same unmasked keys as
+  whole, so only float summation order differs.
+  """
+  t = q_BxTxNxH.shape[1]
+  segment_ids_BxT = jnp.asarray(segment_ids_BxT, jnp.int32)
+  outs = []
+  for start, end, first_key in query_blocks(t, sliding_window):
+    q_idx_Qx1 = jnp.arange(start, end, dtype=jnp.int32)[:, None]
+    k_idx_1xS = jnp.arange(first_key, end, dtype=jnp.int32)[None, :]
+    allowed_QxS = k_idx_1xS <= q_idx_Qx1
+    if sliding_window is not None:
+      allowed_QxS &= (q_idx_Qx1 - k_idx_1xS) < sliding_window
+    same_BxQxS = segment_ids_BxT[:, start:end, None] == segment_ids_BxT[:, None, first_key:end]
+    mask_Bx1xQxS = (same_BxQxS & allowed_QxS[None])[:, None]
+    outs.append(jax.nn.dot_product_attention(q_BxTxNxH[:, start:end], k_BxTxKxH[:, first_key:end],
+                                             v_BxTxKxH[:, first_key:end], mask=mask_Bx1xQxS, implementation='xla'))
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 def cached_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, positions_BxT, *, sliding_window) -> jax.Array:
