@@ -24,6 +24,11 @@ from ml_collections import config_flags
 from jaxsft.errors import InputError
 from jaxsft.errors import one_line
 
+# transformers prints "PyTorch was not found..." at import wherever torch is absent (every TPU VM): advice for
+# users of its torch models, which jaxsft does not use, and a second line under a one-line error. Its advisory
+# warnings (only those) are off in jaxsft's commands unless the user set the variable.
+os.environ.setdefault('TRANSFORMERS_NO_ADVISORY_WARNINGS', '1')
+
 _config_flag = None  # The --config flag once define_config_flag() has run.
 # ml_collections' KeyError for an unknown field: "'learnig_rate'" then, when it has one, its guess.
 _UNKNOWN = re.compile(r"""^'?(?P<key>[^'\n]*)'?(\nDid you mean "(?P<guess>[^"]+)" instead of .*)?$""", re.DOTALL)

@@ -18,6 +18,7 @@ Calling `initialize()` again does nothing. A malformed variable raises `InputErr
 """
 
 import dataclasses
+import glob
 import logging
 import os
 import re
@@ -36,6 +37,8 @@ _SLURM = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
 # Set on multi-host TPU jobs launched by GKE / queued resources (jax's GkeTpuCluster and BaseTpuCluster).
 _TPU_HOSTS = ('TPU_PROCESS_ADDRESSES', 'TPU_WORKER_HOSTNAMES')
 
+PCI_DEVICES = '/sys/bus/pci/devices'
+_GOOGLE_PCI_VENDOR = '0x1ae0'
 _logger = logging.getLogger(__name__)
 _initialized = False
 
@@ -133,17 +136,35 @@ def _tpu_process_count(environ: Mapping[str, str]) -> int:
   hosts = next((environ[k] for k in _TPU_HOSTS if environ.get(k)), None)
   if hosts is not None:
     return len(hosts.split(',')) * slices
-  from jax._src import cloud_tpu_init  # pylint: disable=import-outside-toplevel
-  if not cloud_tpu_init.running_in_cloud_tpu_vm or environ.get('TPU_SKIP_MDS_QUERY'):
+  if not _in_cloud_tpu_vm() or environ.get('TPU_SKIP_MDS_QUERY'):
     return slices
-  from jax._src.clusters import cloud_tpu_cluster  # pylint: disable=import-outside-toplevel
   try:  # A GCE TPU VM: the workers are listed in its metadata, as jax's GceTpuCluster reads them.
+    from jax._src.clusters import cloud_tpu_cluster  # pylint: disable=import-outside-toplevel
     return cloud_tpu_cluster.GceTpuCluster.get_process_count()
   except Exception as e:  # pylint: disable=broad-except
-    # A TPU VM whose metadata cannot be read: let jax decide (it works for one host as well as many).
+    # A TPU VM whose metadata cannot be read (or a jax that moved its private GceTpuCluster): let jax decide (it
+    # works for one host as well as many).
     _logger.warning('could not read the TPU worker list from the metadata server (%s); calling '
                     'jax.distributed.initialize() anyway', e)
     return 2
+
+
+def _in_cloud_tpu_vm() -> bool:
+  """Whether this machine has Cloud TPU chips: jax's own check (private: `jax._src.cloud_tpu_init`), else, where a
+  jax release has moved it, a Google TPU (PCI vendor 0x1ae0) on the PCI bus, which is what that check reads."""
+  try:
+    from jax._src import cloud_tpu_init  # pylint: disable=import-outside-toplevel
+    return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
+  except (ImportError, AttributeError):
+    pass
+  for vendor in glob.glob(os.path.join(PCI_DEVICES, '*', 'vendor')):
+    try:
+      with open(vendor, encoding='ascii') as f:
+        if f.read().strip() == _GOOGLE_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False
 
 
 def _int(environ: Mapping[str, str], name: str, *, minimum: int) -> int:

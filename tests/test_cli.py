@@ -203,3 +203,21 @@ def test_skip_bad_rows_trains_on_the_rest_and_counts_them(tmp_path):
   assert '2 bad rows skipped' in proc.stderr
   resolved = json.loads((tmp_path / 'out' / 'config.json').read_text())['resolved']
   assert resolved['num_bad_rows_skipped'] == 2 and resolved['num_examples'] == 5
+
+
+def test_without_torch_an_error_is_still_one_line(tmp_path):
+  """Where torch is not installed (a TPU VM), transformers' "PyTorch was not found" notice does not reach the
+  user: a missing dataset file (found after transformers is imported) is still exactly one stderr line. Outside
+  jaxsft's commands, importing transformers there prints the notice."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('TRANSFORMERS_NO_ADVISORY_WARNINGS', None)
+  hidden = [sys.executable, '-c', 'from tests.helpers import no_torch; no_torch.hide_torch(); import transformers; '
+            'print(transformers.utils.is_torch_available())']
+  proc = subprocess.run(hidden, cwd=ROOT, env=env, text=True, capture_output=True, timeout=120, check=True)
+  assert proc.stdout.strip() == 'False' and 'PyTorch was not found' in proc.stderr, proc.stderr[-2000:]
+  args = ['--config', 'configs/tiny.py', '--config.dataset_name=/nonexistent/train.jsonl',
+          f'--config.output_dir={tmp_path / "out"}']
+  proc = subprocess.run([sys.executable, '-m', 'tests.helpers.no_torch', 'jaxsft.train', *args], cwd=ROOT,
+                        env=env, text=True, capture_output=True, timeout=180, check=False)
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+  _assert_one_line_error(proc, "'dataset_name': no such file")

@@ -6,6 +6,7 @@ weights agree, and only process 0 writes the output directory and prints the run
 """
 
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -74,6 +75,26 @@ def test_slurm_gpus_per_task():
 def test_multi_host_tpu_is_left_to_jax():
   assert distributed.detect({'TPU_WORKER_HOSTNAMES': 'h0,h1,h2,h3'}) == distributed.Cluster('tpu')
   assert distributed.detect({'TPU_WORKER_HOSTNAMES': 'h0', 'MEGASCALE_NUM_SLICES': '2'}).source == 'tpu'
+
+
+def test_tpu_vm_detection_without_jaxs_private_module(monkeypatch, tmp_path):
+  """Where a jax release no longer has `jax._src.cloud_tpu_init` (or its GceTpuCluster), a TPU VM is still
+  recognised from its PCI bus (Google's vendor id, what jax's check reads) and the cluster left to jax; a
+  machine without TPU chips stays a single process."""
+  import jax._src  # pylint: disable=import-outside-toplevel
+  for name in ('cloud_tpu_init', 'clusters'):
+    monkeypatch.delattr(jax._src, name, raising=False)
+    monkeypatch.setitem(sys.modules, f'jax._src.{name}', None)
+  monkeypatch.setitem(sys.modules, 'jax._src.clusters.cloud_tpu_cluster', None)
+  for i, vendor in enumerate(('0x8086', '0x10de')):
+    (tmp_path / f'0000:00:0{i}.0').mkdir()
+    (tmp_path / f'0000:00:0{i}.0' / 'vendor').write_text(vendor + '\n')
+  monkeypatch.setattr(distributed, 'PCI_DEVICES', str(tmp_path))
+  assert distributed.detect({}) is None
+  (tmp_path / '0000:00:05.0').mkdir()
+  (tmp_path / '0000:00:05.0' / 'vendor').write_text('0x1ae0\n')
+  assert distributed.detect({}) == distributed.Cluster('tpu')
+  assert distributed.detect({'TPU_SKIP_MDS_QUERY': '1'}) is None
 
 
 def test_initialize_without_a_cluster_does_nothing_and_is_idempotent(monkeypatch):
