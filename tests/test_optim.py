@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 import transformers
 from flax import nnx
 
 from jaxsft import optim
 from jaxsft.errors import InputError
+
+torch = pytest.importorskip('torch')  # The references are torch's (absent on TPU VMs and the 3.12 lane).
 
 # (total_steps, warmup_steps, warmup_ratio): warmup by steps, by ratio (ceil), none, and longer than the run.
 SCHEDULE_CASES = [(10, 0, 0.0), (10, 3, 0.0), (37, 0, 0.1), (100, 0, 0.03), (30, 0, 0.1), (7, 0, 1.0),

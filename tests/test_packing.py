@@ -12,7 +12,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from flax import nnx
-from trl import data_utils as trl_data_utils
 
 from jaxsft import loss as loss_lib
 from jaxsft import optim
@@ -44,6 +43,7 @@ def _groups_from_packed(input_ids: list[list[int]], seq_lengths: list[list[int]]
 def _trl_pack_dataset(lengths: np.ndarray, seq_len: int) -> list[list[int]]:
   """TRL's own grouping through its public `pack_dataset` (one `map` batch when len(lengths) <= 1000)."""
   dataset = datasets.Dataset.from_dict({'input_ids': [[i] * int(n) for i, n in enumerate(lengths)]})
+  from trl import data_utils as trl_data_utils  # pylint: disable=import-outside-toplevel
   packed = trl_data_utils.pack_dataset(dataset, seq_len, strategy='bfd')
   return _groups_from_packed(packed['input_ids'], packed['seq_lengths'])
 
@@ -51,6 +51,7 @@ def _trl_pack_dataset(lengths: np.ndarray, seq_len: int) -> list[list[int]]:
 def _trl_pack_bfd_whole(lengths: np.ndarray, seq_len: int) -> list[list[int]]:
   """TRL's `_pack_bfd` called once on the whole array (what pack_bfd does; pack_dataset batches by 1000)."""
   column = pa.array([[i] * int(n) for i, n in enumerate(lengths)], type=pa.list_(pa.int64()))
+  from trl import data_utils as trl_data_utils  # pylint: disable=import-outside-toplevel
   packed = trl_data_utils._pack_bfd(pa.table({'input_ids': column}), seq_len)  # pylint: disable=protected-access
   return _groups_from_packed(packed['input_ids'].to_pylist(), packed['seq_lengths'].to_pylist())
 

@@ -106,7 +106,6 @@ def test_slice_names_map_to_libtpu_topologies():
   assert {'v5e-1', 'v5e-8', 'v5e-256', 'v5p-8', 'v5p-1024', 'v6e-256', 'v4-8', 'h100-8'} <= set(targets.names())
 
 
-@needs_tpu
 @pytest.fixture(scope='module', params=[0, 256], ids=['untiled', 'mlp_tiles'])
 def seven_b_program(tmp_path_factory, request):
   """Facts of the compiled train step of a 2-layer model at Qwen2.5-7B's width, FSDP over a v5p-8 (4 chips),

@@ -32,7 +32,7 @@ MIN_MOVE = 1e-3  # Every tensor of TRL's final model has an element this far fro
 pytestmark = pytest.mark.slow
 
 
-def _settings(batch: int, accumulation: int) -> dict:
+def settings(batch: int, accumulation: int) -> dict:
   return dict(
       learning_rate=1e-3, lr_scheduler_type='linear', warmup_steps=2, weight_decay=0.1,
       max_grad_norm=1.0, num_train_epochs=float(NUM_STEPS), per_device_train_batch_size=batch,
@@ -49,29 +49,31 @@ class TrlRun:
 
 @pytest.fixture(scope='module')
 def model_and_data(tmp_path_factory):
-  from jaxsft.data import synthetic
-
   root = tmp_path_factory.mktemp('parity')
   model_dir = models.save_tiny_qwen2(root / 'model', hidden_size=64, intermediate_size=128)
 
-  train = synthetic.load('synthetic:arithmetic').train
-  rows = [train[i] for i in range(NUM_ROWS)]
   data_file = root / 'train.jsonl'
-  with open(data_file, 'w', encoding='utf-8') as f:
-    for row in rows:
-      f.write(json.dumps({'messages': row['messages']}) + '\n')
+  write_rows(data_file)
   return model_dir, str(data_file), root
 
 
-def _trl_run(model_dir, data_file, out_dir, batch, accumulation) -> TrlRun:
+def write_rows(data_file) -> None:
+  """The NUM_ROWS conversations both trainers train on (the first rows of the synthetic dataset)."""
+  from jaxsft.data import synthetic  # pylint: disable=import-outside-toplevel
+  train = synthetic.load('synthetic:arithmetic').train
+  with open(data_file, 'w', encoding='utf-8') as f:
+    for i in range(NUM_ROWS):
+      f.write(json.dumps({'messages': train[i]['messages']}) + '\n')
+
+
+def trl_run(model_dir, data_file, out_dir, batch, accumulation) -> TrlRun:
   import datasets
   import transformers
   import trl
 
-  settings = _settings(batch, accumulation)
   args = trl.SFTConfig(
       output_dir=str(out_dir), use_cpu=True, bf16=False, gradient_checkpointing=False, report_to='none',
-      save_strategy='no', dataloader_num_workers=0, **settings)
+      save_strategy='no', dataloader_num_workers=0, **settings(batch, accumulation))
   tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
   model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype='float32')
   dataset = datasets.load_dataset('json', data_files=data_file, split='train')
@@ -84,7 +86,7 @@ def _trl_run(model_dir, data_file, out_dir, batch, accumulation) -> TrlRun:
 
 
 def _train_jaxsft(model_dir, data_file, out_dir, batch, accumulation) -> None:
-  runs.train(**_settings(batch, accumulation), model_name_or_path=model_dir, dataset_name=data_file,
+  runs.train(**settings(batch, accumulation), model_name_or_path=model_dir, dataset_name=data_file,
              output_dir=out_dir, bf16=False, gradient_checkpointing=False, disable_tqdm=True)
 
 
@@ -100,7 +102,7 @@ _read_safetensors_dir = runs.weights  # Every tensor of every `*.safetensors` fi
 @pytest.fixture(scope='module')
 def trl_reference(model_and_data) -> TrlRun:
   model_dir, data_file, root = model_and_data
-  return _trl_run(model_dir, data_file, root / 'trl', 16, 1)
+  return trl_run(model_dir, data_file, root / 'trl', 16, 1)
 
 
 @pytest.fixture(scope='module')
@@ -126,7 +128,7 @@ def test_loss_curve_matches_trl(trl_reference, jaxsft_run, batch, accumulation):
   assert trl_reference.losses[-1] < trl_reference.losses[0] - 0.5  # The curve really moves: a test that can fail.
 
 
-def _weight_mismatches(ours: dict, theirs: dict, initial: dict) -> list[str]:
+def weight_mismatches(ours: dict, theirs: dict, initial: dict) -> list[str]:
   """One line per tensor outside the tolerances (or not moved, or of another dtype/shape); empty if all match."""
   bad = []
   for name in sorted(theirs):
@@ -187,12 +189,12 @@ def test_exported_weights_match_trl(model_and_data, trl_reference, jaxsft_run, b
   assert 'lm_head.weight' in theirs and 'model.embed_tokens.weight' in theirs
   assert not np.array_equal(theirs['lm_head.weight'], theirs['model.embed_tokens.weight'])  # Untied.
   assert sorted(ours) == sorted(theirs) == sorted(initial)
-  bad = _weight_mismatches(ours, theirs, initial)
+  bad = weight_mismatches(ours, theirs, initial)
   assert not bad, f'{len(bad)} of {len(theirs)} tensors differ from TRL:\n' + '\n'.join(bad)
 
 
 def test_trl_itself_is_split_invariant(model_and_data, trl_reference):
   """TRL's own (4, 4) curve equals its (16, 1) curve: the reference we match is itself consistent."""
   model_dir, data_file, root = model_and_data
-  other = _trl_run(model_dir, data_file, root / 'trl_4x4', 4, 4)
+  other = trl_run(model_dir, data_file, root / 'trl_4x4', 4, 4)
   np.testing.assert_allclose(other.losses, trl_reference.losses, atol=TOL, rtol=0)
