@@ -1,11 +1,12 @@
 """Tiny Hugging Face models saved to disk, shared by the trainer-level tests."""
 
+import importlib.util
 import os
 
 
 def save_tiny_qwen2(model_dir, *, hidden_size: int, intermediate_size: int) -> str:
-  """A random float32 Qwen2 with the shipped tiny tokenizer (jaxsft/assets/tiny), saved to `model_dir`."""
-  import torch  # pylint: disable=import-outside-toplevel
+  """A random float32 Qwen2 with the shipped tiny tokenizer (jaxsft/assets/tiny), saved to `model_dir`: transformers'
+  init (torch's generator, seed 0), or where torch is missing jaxsft's random init (seed 0) written by its export."""
   import transformers  # pylint: disable=import-outside-toplevel
   import jaxsft  # pylint: disable=import-outside-toplevel
 
@@ -16,8 +17,16 @@ def save_tiny_qwen2(model_dir, *, hidden_size: int, intermediate_size: int) -> s
       intermediate_size=intermediate_size, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
       max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
       eos_token_id=tokenizer.eos_token_id)
-  torch.manual_seed(0)
-  transformers.Qwen2ForCausalLM(hf_cfg).to(torch.float32).save_pretrained(model_dir)
+  if importlib.util.find_spec('torch') is None:  # CI's Python 3.12 lane, TPU VMs: jaxsft's own random init.
+    from jaxsft.models import hf  # pylint: disable=import-outside-toplevel
+    from jaxsft.models import hf_config  # pylint: disable=import-outside-toplevel
+    config = dict(hf_cfg.to_dict(), architectures=['Qwen2ForCausalLM'], torch_dtype='float32')
+    model = hf.init_random(hf_config.model_config_from_hf(config), seed=0)
+    hf.save_pretrained(model, config, model_dir)
+  else:
+    import torch  # pylint: disable=import-outside-toplevel
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(hf_cfg).to(torch.float32).save_pretrained(model_dir)
   tokenizer.save_pretrained(model_dir)
   return str(model_dir)
 
