@@ -93,9 +93,7 @@ def make_plan(index: index_lib.Index, *, seq_len: int, pack: bool) -> Plan:
 
 
 @functools.lru_cache(maxsize=4)
-def _permutation(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
-  if not shuffle:
-    return np.arange(n)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n)
 
 
@@ -129,6 +127,10 @@ class StepSource:
     self.padding_free = padding_free
     self.widths = tuple(widths) if widths else (plan.seq_len,)
     self.grouped = len(self.widths) > 1 and not padding_free and not plan.packed
+    # An unshuffled source's order is the same every epoch: grouped, its rows longest first, sorted once.
+    self._fixed_order = None if shuffle else np.arange(len(plan))
+    if self.grouped and not shuffle:
+      self._fixed_order = buckets.longest_first(plan.num_input_tokens)
     if self.widths[-1] != plan.seq_len:
       raise ValueError(f'the widest row width {self.widths[-1]} is not the plan\'s {plan.seq_len}')
     # Per step: micro-batches, and the most conversations in one row (sizes cuDNN's packed layout).
@@ -150,9 +152,9 @@ class StepSource:
     """Plan row indices of each micro-batch of `step`, all processes (fewer than G at an epoch's end)."""
     g = self.geometry
     epoch, within = divmod(step, g.steps_per_epoch)
-    order = _permutation(self.seed, epoch, len(self.plan), self.shuffle)
-    if self.grouped and not self.shuffle:
-      order = order[buckets.longest_first(self.plan.num_input_tokens[order])]
+    order = self._fixed_order
+    if order is None:
+      order = _permutation(self.seed, epoch, len(self.plan))
     rows = []
     for a in range(g.accumulation):
       m = within * g.accumulation + a

@@ -164,17 +164,21 @@ def attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, 
 # XLA: the reference semantics.
 
 
-def make_mask(segment_ids_BxT: jax.Array, sliding_window: int | None) -> jax.Array:
-  """Boolean mask [B, 1, T, T] (query, key): same segment, causal, and within the window if any."""
+def make_mask(segment_ids_BxT: jax.Array, sliding_window: int | None, *, queries: tuple[int, int] | None = None,
+              first_key: int = 0) -> jax.Array:
+  """Boolean mask [B, 1, Q, S] (query, key): same segment, causal, and within the window if any.
+
+  For the queries at positions [start, end) (`queries`, default all T) against the keys at [first_key, end).
+  """
   segment_ids_BxT = jnp.asarray(segment_ids_BxT)
-  t = segment_ids_BxT.shape[1]
-  q_idx_Tx1 = jnp.arange(t, dtype=jnp.int32)[:, None]
-  k_idx_1xT = jnp.arange(t, dtype=jnp.int32)[None, :]
-  allowed_TxT = k_idx_1xT <= q_idx_Tx1
+  start, end = queries if queries is not None else (0, segment_ids_BxT.shape[1])
+  q_idx_Qx1 = jnp.arange(start, end, dtype=jnp.int32)[:, None]
+  k_idx_1xS = jnp.arange(first_key, end, dtype=jnp.int32)[None, :]
+  allowed_QxS = k_idx_1xS <= q_idx_Qx1
   if sliding_window is not None:
-    allowed_TxT &= (q_idx_Tx1 - k_idx_1xT) < sliding_window
-  same_BxTxT = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-  return (same_BxTxT & allowed_TxT[None])[:, None]
+    allowed_QxS &= (q_idx_Qx1 - k_idx_1xS) < sliding_window
+  same_BxQxS = segment_ids_BxT[:, start:end, None] == segment_ids_BxT[:, None, first_key:end]
+  return (same_BxQxS & allowed_QxS[None])[:, None]
 
 
 def query_blocks(seq_len: int, sliding_window: int | None) -> list[tuple[int, int, int]]:
@@ -202,13 +206,7 @@ def xla_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, *, sliding_w
   segment_ids_BxT = jnp.asarray(segment_ids_BxT, jnp.int32)
   outs = []
   for start, end, first_key in query_blocks(t, sliding_window):
-    q_idx_Qx1 = jnp.arange(start, end, dtype=jnp.int32)[:, None]
-    k_idx_1xS = jnp.arange(first_key, end, dtype=jnp.int32)[None, :]
-    allowed_QxS = k_idx_1xS <= q_idx_Qx1
-    if sliding_window is not None:
-      allowed_QxS &= (q_idx_Qx1 - k_idx_1xS) < sliding_window
-    same_BxQxS = segment_ids_BxT[:, start:end, None] == segment_ids_BxT[:, None, first_key:end]
-    mask_Bx1xQxS = (same_BxQxS & allowed_QxS[None])[:, None]
+    mask_Bx1xQxS = make_mask(segment_ids_BxT, sliding_window, queries=(start, end), first_key=first_key)
     outs.append(jax.nn.dot_product_attention(q_BxTxNxH[:, start:end], k_BxTxKxH[:, first_key:end],
                                              v_BxTxKxH[:, first_key:end], mask=mask_Bx1xQxS, implementation='xla'))
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
