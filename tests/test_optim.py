@@ -13,7 +13,8 @@ from flax import nnx
 from jaxsft import optim
 from jaxsft.errors import InputError
 
-torch = pytest.importorskip('torch')  # The references are torch's (absent on TPU VMs and the 3.12 lane).
+# torch is imported by the tests that compare with it: absent (TPU VMs, CI's 3.12 lane), tests/conftest.py turns
+# their ImportError (or transformers' "needs PyTorch" one) into a skip and the others still run.
 
 # (total_steps, warmup_steps, warmup_ratio): warmup by steps, by ratio (ceil), none, and longer than the run.
 SCHEDULE_CASES = [(10, 0, 0.0), (10, 3, 0.0), (37, 0, 0.1), (100, 0, 0.03), (30, 0, 0.1), (7, 0, 1.0),
@@ -28,6 +29,7 @@ def _hf_warmup(total_steps, warmup_steps, warmup_ratio):
 
 
 def _hf_lrs(name, learning_rate, total_steps, warmup, num_steps, min_lr_rate=None):
+  import torch  # pylint: disable=import-outside-toplevel
   param = torch.nn.Parameter(torch.zeros(1))
   opt = torch.optim.SGD([param], lr=learning_rate)
   kwargs = {'min_lr_rate': min_lr_rate} if name == 'cosine_with_min_lr' else None
@@ -181,14 +183,20 @@ def test_weight_decay_applies_per_mask_on_nnx_state():
   assert schedule(0) == kw['learning_rate']
 
 
-class _TorchTiny(torch.nn.Module):
+def _torch_tiny():
+  """A torch module with one parameter of each decay kind, named as in HF models."""
+  import torch  # pylint: disable=import-outside-toplevel
 
-  def __init__(self):
-    super().__init__()
-    self.embed_tokens = torch.nn.Embedding(11, 4)
-    self.q_proj = torch.nn.Linear(4, 6, bias=True)
-    self.input_layernorm = torch.nn.RMSNorm(4)
-    self.lm_head = torch.nn.Linear(4, 11, bias=False)
+  class TorchTiny(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.embed_tokens = torch.nn.Embedding(11, 4)
+      self.q_proj = torch.nn.Linear(4, 6, bias=True)
+      self.input_layernorm = torch.nn.RMSNorm(4)
+      self.lm_head = torch.nn.Linear(4, 11, bias=False)
+
+  return TorchTiny()
 
 
 def _to_jax(model):
@@ -203,8 +211,9 @@ def _to_jax(model):
 
 @pytest.mark.parametrize('accumulation,schedule_name', [(1, 'cosine'), (3, 'linear'), (2, 'constant_with_warmup')])
 def test_optimizer_matches_torch_adamw_clip_and_scheduler(accumulation, schedule_name):
+  import torch  # pylint: disable=import-outside-toplevel
   torch.manual_seed(0)
-  model = _TorchTiny()
+  model = _torch_tiny()
   with torch.no_grad():
     model.input_layernorm.weight.add_(torch.randn(4) * 0.1)
     model.embed_tokens.weight.mul_(0.5)  # O(1) values, like the other parameters (torch's default is N(0, 1)).
