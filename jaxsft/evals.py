@@ -181,6 +181,6 @@ def evaluate_accuracy(model, tokenizer, problems: Sequence[tuple[list[synthetic.
 
 
 def _encode_prompt(tokenizer, messages: list[synthetic.Message]) -> list[int]:
-  encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                          return_dict=True)
+  encoded = formats.apply_chat_template(tokenizer, messages, add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)
   return list(encoded['input_ids'])

@@ -373,3 +373,46 @@ def test_sft_trainer_train_dataset_matches(tmp_path):
       assert example.loss_mask.tolist() == [int(x != -100) for x in prepared[i]['labels']]
     else:
       assert not example.loss_mask.any()
+
+
+class _SlowText(str):
+  """A message content whose rendering waits for `gate`: holds a template render open in one thread."""
+  entered = None
+  gate = None
+
+  def __add__(self, other):
+    type(self).entered.set()
+    assert type(self).gate.wait(10)
+    return str(self) + other
+
+
+def test_renders_in_threads_do_not_share_the_generation_tracker(chatml_marked):
+  """grain tokenizes on two threads. transformers 5.0.x (CI lane 1) keeps the `{% generation %}` tracker in one
+  object per compiled template: a second thread's render while the first is inside one fails, or adds its spans
+  to the first's mask. Here thread A is held inside its render (in the assistant turn) while thread B renders."""
+  import threading  # pylint: disable=import-outside-toplevel
+  _SlowText.entered, _SlowText.gate = threading.Event(), threading.Event()
+  held = [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': _SlowText('slow answer')}]
+  other = [{'role': 'user', 'content': 'yo'}, {'role': 'assistant', 'content': 'fast answer'}]
+  want_held = formats.assistant_mask(chatml_marked, [dict(m, content=str(m['content'])) for m in held])
+  want_other = formats.assistant_mask(chatml_marked, other)
+  results, errors = {}, []
+
+  def run(name, messages):
+    try:
+      results[name] = formats.assistant_mask(chatml_marked, messages)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(f'{name}: {e}')
+
+  a = threading.Thread(target=run, args=('held', held))
+  a.start()
+  assert _SlowText.entered.wait(10)
+  b = threading.Thread(target=run, args=('other', other))
+  b.start()
+  b.join(0.5)  # B renders now, unless B waits for A's render to end.
+  _SlowText.gate.set()
+  a.join(10)
+  b.join(10)
+  assert not errors, errors
+  assert results == {'held': want_held, 'other': want_other}
+  assert sum(want_held[1]) > 0 and sum(want_other[1]) > 0

@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import inspect
 import re
+import threading
 from collections.abc import Sequence
 
 import jinja2
@@ -67,6 +68,21 @@ class Example:
   @property
   def num_loss_tokens(self) -> int:
     return int(np.sum(self.loss_mask))
+
+
+# transformers 5.0.x keeps the `{% generation %}` tracker of a compiled chat template in one object that every
+# thread shares (later releases keep it in a ContextVar): while one thread renders with
+# return_assistant_tokens_mask, another thread's render fails ("AssistantTracker should not be reused before
+# closed") or, rendering without the mask, adds its assistant spans to the first one's mask. grain tokenizes steps
+# on two threads, so every render in jaxsft goes through `apply_chat_template`, one at a time (rendering is Python
+# under the GIL: this costs next to nothing).
+_TEMPLATE_LOCK = threading.Lock()
+
+
+def apply_chat_template(tokenizer, messages: list[dict], **kwargs):
+  """`tokenizer.apply_chat_template(messages, **kwargs)`, one render at a time in this process."""
+  with _TEMPLATE_LOCK:
+    return tokenizer.apply_chat_template(messages, **kwargs)
 
 
 def detect_format(columns: Sequence[str], dataset_text_field: str = 'text') -> str:
@@ -111,8 +127,8 @@ def assistant_mask(tokenizer, messages: list[dict], **template_kwargs) -> tuple[
   """
   template = _resolve_template(tokenizer, template_kwargs)
   if has_generation_markers(template):
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True, **template_kwargs)
+    out = apply_chat_template(tokenizer, messages, tokenize=True, return_dict=True,
+                              return_assistant_tokens_mask=True, **template_kwargs)
     return list(out['input_ids']), list(out['assistant_masks'])
   return _derived_assistant_mask(tokenizer, messages, template_kwargs)
 
@@ -125,7 +141,7 @@ def _resolve_template(tokenizer, template_kwargs: dict) -> str | None:
 
 
 def _render(tokenizer, messages: list[dict], template_kwargs: dict, *, add_generation_prompt: bool) -> str:
-  return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+  return apply_chat_template(tokenizer, messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                        **template_kwargs)
 
 
@@ -295,7 +311,7 @@ def _rendered(row: dict, tokenizer, fmt: str, dataset_text_field: str, where: st
   if any(key != 'tools' and key in _chat_template_parameters() for key in kwargs):
     return None  # The row sets `tokenize`, `return_dict`, ... itself: only the real call is surely the same.
   try:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, **kwargs)
+    return apply_chat_template(tokenizer, messages, tokenize=False, add_generation_prompt=False, **kwargs)
   except (jinja2.TemplateError, TypeError, ValueError) as e:
     raise InputError(f"{where}: column 'messages': the chat template failed ({one_line(e, 300)})") from None
 
@@ -425,8 +441,8 @@ def chat_ids(tokenizer, messages: list[dict], kwargs: dict, where: str, column: 
              add_generation_prompt: bool = False) -> list[int]:
   """The chat-templated token ids of `messages`; a template failure is an InputError naming the row."""
   try:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                        add_generation_prompt=add_generation_prompt, **kwargs)
+    out = apply_chat_template(tokenizer, messages, tokenize=True, return_dict=True,
+                              add_generation_prompt=add_generation_prompt, **kwargs)
   except (jinja2.TemplateError, TypeError, ValueError) as e:
     raise InputError(f'{where}: column {column!r}: the chat template failed ({one_line(e, 300)})') from None
   return list(out['input_ids'])
