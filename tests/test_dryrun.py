@@ -29,7 +29,7 @@ def test_tiny_dry_run_partitions_parameters_over_fsdp():
   for proc in (one, eight):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'step temporaries' in proc.stdout and '\npeak ' in proc.stdout
-  assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in eight.stdout and '8 rows × 128 tokens' in eight.stdout
+  assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in eight.stdout and '8 rows × 256 tokens' in eight.stdout
   a, b = _table(one.stdout), _table(eight.stdout)
   assert a['parameters'] > 0 and a['parameters'] / 8 * 0.98 <= b['parameters'] < a['parameters'] / 8 * 1.1
 

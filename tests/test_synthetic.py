@@ -58,6 +58,14 @@ def _first_user(messages) -> str:
   return next(m['content'] for m in messages if m['role'] == 'user')
 
 
+DRILL_RE = re.compile(r'What is (\d+) ([-+*]) (\d+)\?')
+
+
+def _problems(rows) -> list:
+  """The word-problem rows of a split (drill rows state one fact; they are not problems)."""
+  return [r for r in rows if not DRILL_RE.fullmatch(_first_user(r['messages']))]
+
+
 def test_load_is_deterministic_and_seeded():
   a = synthetic.load('synthetic:arithmetic?train=300&test=40&seed=3')
   b = synthetic.load('synthetic:arithmetic?train=300&test=40&seed=3')
@@ -89,9 +97,9 @@ def test_bad_names_raise_one_line_input_error(name, needle):
 
 
 def test_held_out_problems_are_not_in_training(default_splits):
-  kinds = _kind_of_skeleton(default_splits.train)
+  kinds = _kind_of_skeleton(_problems(default_splits.train))
   assert sorted(set(kinds.values())) == sorted({('+',), ('-',), ('*',), ('+', '-'), ('*', '+')})
-  train_texts = {_first_user(r['messages']) for r in default_splits.train}
+  train_texts = {_first_user(r['messages']) for r in _problems(default_splits.train)}
   train_keys = {_key(t, kinds) for t in train_texts}
   held_out = [p for seed in range(3) for p in synthetic.held_out_problems(200, seed)]
   held_out += [(r['messages'], None) for r in default_splits.eval]
@@ -109,7 +117,7 @@ def test_held_out_problems_are_not_in_training(default_splits):
 def test_held_out_problems_are_distinct_and_answers_correct(default_splits):
   problems = synthetic.held_out_problems(200, 0)
   assert len(problems) == 200 and len({_first_user(m) for m, _ in problems}) == 200
-  kinds = _kind_of_skeleton(default_splits.train)
+  kinds = _kind_of_skeleton(_problems(default_splits.train))
   for messages, expected in problems:
     assert messages[-1]['role'] == 'user'
     ops, numbers = _key(messages[-1]['content'], kinds)
@@ -150,6 +158,29 @@ def test_rows_are_r1_shaped_with_correct_reasoning(default_splits):
       previous = int(match.group(1))
   assert 0.2 < with_system / len(rows) < 0.4
   assert 0.15 < multi_turn / len(rows) < 0.35
+
+
+def test_training_states_every_fact_of_the_held_out_problems_in_drills(default_splits):
+  """Held-out problems test reading and reasoning over problems never seen, not arithmetic facts never shown: every
+  line of their reasoning is a training drill's fact (and the eval split has no drills)."""
+  drills = {}
+  for row in default_splits.train:
+    match = DRILL_RE.fullmatch(_first_user(row['messages']))
+    if match:
+      a, op, b = match.groups()
+      assert [m['role'] for m in row['messages']] == ['user', 'assistant']
+      assert STEP_RE.findall(row['messages'][1]['content']) == [(a, op, b, str(OPS[op](int(a), int(b))))]
+      drills[(a, op, b)] = drills.get((a, op, b), 0) + 1
+  assert 0.15 < sum(drills.values()) / len(default_splits.train) < 0.25
+  assert len(_problems(default_splits.eval)) == len(default_splits.eval)
+  kinds = _kind_of_skeleton(_problems(default_splits.train))
+  for messages, _ in synthetic.held_out_problems(200, 0):
+    ops, numbers = _key(messages[-1]['content'], kinds)
+    value = numbers[0]
+    for op, n in zip(ops, numbers[1:]):
+      assert (str(value), op, str(n)) in drills, (messages, value, op, n)
+      value = OPS[op](value, n)
+  assert min(drills.values()) >= 2  # Each of the ~500 facts, several times.
 
 
 @pytest.mark.parametrize('text, expected', [

@@ -9,9 +9,13 @@ under 128 tokens.
 
 Held-out problems never occur in training data: each kind's operand tuples are split once, with a fixed
 seed independent of the user's seed, into train and test tuples, and every problem's text contains all
-its operands, so the held-out problem texts are disjoint from the training texts as well.
+its operands, so the held-out problem texts are disjoint from the training texts as well. A fifth of the
+training rows are one-line drills ('What is 7 * 8?'), each arithmetic fact any problem's reasoning needs
+equally often: a held-out problem is a new problem built from known facts, so the accuracy check measures
+reading and reasoning, not recall of a fact the model was never shown (without drills, whether the few held-out
+operand pairs' facts happened to be picked up elsewhere swung the tiny default by 15 points).
 
-  load('synthetic:arithmetic?train=20000&test=200&seed=0') -> sources.Splits
+  load('synthetic:arithmetic?train=30000&test=200&seed=0') -> sources.Splits
   held_out_problems(n, seed) -> [(prompt messages, expected answer)]
   extract_answer(generated text) -> the answer it states, or None
 
@@ -29,13 +33,14 @@ from jaxsft.data import sources
 from jaxsft.errors import InputError
 
 DATASET = 'arithmetic'
-DEFAULT_TRAIN = 20000  # One epoch of these at batch 32 fits the tiny default's CPU budget.
+DEFAULT_TRAIN = 30000  # The tiny default trains one epoch of these, packed, in its 5-CPU-minute budget.
 DEFAULT_TEST = 200
 MAX_HELD_OUT = 10000
 _SPLIT_SEED = 20240601  # Fixes which operand tuples are held out; never the user's seed.
 _HELD_OUT_FRACTION = 0.1
 _SYSTEM_FRACTION = 0.3
 _FOLLOW_UP_FRACTION = 0.4  # Of single-step problems (two-step rows stay single-turn, all rows < 128 tokens).
+_DRILL_FRACTION = 0.2  # Of training rows: one-line arithmetic drills (`_drills`).
 
 KINDS = ('add', 'sub', 'mul', 'add_sub', 'mul_add')
 NAMES = ('Tom', 'Anna', 'Ben', 'Mia', 'Sam', 'Lily', 'Max', 'Emma', 'Leo', 'Zoe', 'Jack', 'Ella',
@@ -171,10 +176,43 @@ def _draw_problem(split: int, rng: random.Random) -> Problem:
   return _problem(kind, operands, rng)
 
 
-def _rows(n: int, split: int, seed: int) -> list[Row]:
+@functools.cache
+def _drill_facts() -> tuple[tuple[int, str, int], ...]:
+  """Every arithmetic line a problem's reasoning can contain, as (a, op, b): the drills' facts."""
+  facts = set()
+  for kind in KINDS:
+    for operands in _operand_tuples(kind):
+      if kind in ('add', 'sub', 'mul'):
+        facts.add((operands[0], {'add': '+', 'sub': '-', 'mul': '*'}[kind], operands[1]))
+      elif kind == 'add_sub':
+        a, b, c = operands
+        facts |= {(a, '+', b), (a + b, '-', c)}
+      else:
+        a, b, c = operands
+        facts |= {(a, '*', b), (a * b, '+', c)}
+  return tuple(sorted(facts))
+
+
+def _drills(rng: random.Random):
+  """One-line drills ('What is 7 * 8?'), every fact of `_drill_facts` once per cycle in shuffled order: each fact a
+  problem needs occurs in training equally often."""
+  facts = list(_drill_facts())
+  while True:
+    rng.shuffle(facts)
+    for a, op, b in facts:
+      r = a + b if op == '+' else a - b if op == '-' else a * b
+      yield {'messages': [{'role': 'user', 'content': f'What is {a} {op} {b}?'},
+                          {'role': 'assistant', 'content': _assistant([f'{a} {op} {b} = {r}'], r)}]}
+
+
+def _rows(n: int, split: int, seed: int, drills: bool = False) -> list[Row]:
   rng = random.Random(f'{DATASET}/{split}/{seed}')
+  drill_rows = _drills(random.Random(f'{DATASET}/drills/{seed}'))
   rows = []
   for _ in range(n):
+    if drills and rng.random() < _DRILL_FRACTION:
+      rows.append(next(drill_rows))
+      continue
     problem = _draw_problem(split, rng)
     messages = _prompt(problem, rng, _SYSTEM_FRACTION)
     messages.append({'role': 'assistant', 'content': _assistant(problem.steps, problem.answer)})
@@ -211,13 +249,13 @@ def load(name: str) -> sources.Splits:
   """The synthetic dataset `name` as train/eval splits of `{"messages": [...]}` rows.
 
   `name` is 'synthetic:arithmetic', optionally with parameters, e.g.
-  'synthetic:arithmetic?train=20000&test=200&seed=0' (these are the defaults); `test=0` means no eval
+  'synthetic:arithmetic?train=30000&test=200&seed=0' (these are the defaults); `test=0` means no eval
   split. The eval rows are drawn from the held-out operand tuples only.
   """
   params = _parse_name(name)
   base = name.partition('?')[0]
   return sources.Splits(
-      train=sources.RowList(_rows(params['train'], 0, params['seed']), name, 'train'),
+      train=sources.RowList(_rows(params['train'], 0, params['seed'], drills=True), name, 'train'),
       eval=sources.RowList(_rows(params['test'], 1, params['seed']), name, 'test') if params['test'] else None,
       train_name=f'{base}/train', eval_name=f'{base}/test' if params['test'] else None)
 
