@@ -69,6 +69,7 @@ Ratios are jaxsft / TRL: above 1 is better for rates, below 1 for time and memor
 
 import argparse
 import concurrent.futures
+import inspect
 import json
 import os
 import shutil
@@ -277,13 +278,18 @@ def trl_worker(spec: dict) -> dict:
   dataset = datasets.load_dataset('json', data_files=spec['data_file'], split='train',
                                   cache_dir=os.path.join(spec['output_dir'], 'hf_cache'))
   s = spec['settings']
+  sampling = s.get('train_sampling_strategy', 'random')
+  if 'train_sampling_strategy' in inspect.signature(trl.SFTConfig).parameters:
+    sampler_args = {'train_sampling_strategy': sampling}
+  else:  # transformers before train_sampling_strategy (5.0.x, the CI floor) spells it group_by_length.
+    sampler_args = {'group_by_length': sampling == 'group_by_length'}
   args = trl.SFTConfig(
       output_dir=spec['output_dir'], use_cpu=not on_gpu, bf16=s['bf16'], report_to='none', save_strategy='no',
       disable_tqdm=True, logging_steps=1, max_steps=s['steps'], learning_rate=s['learning_rate'],
       lr_scheduler_type='linear', per_device_train_batch_size=s['batch_size'],
       gradient_accumulation_steps=s['accumulation'], max_length=s['max_length'],
       gradient_checkpointing=s['gradient_checkpointing'], packing=s.get('packing', False),
-      train_sampling_strategy=s.get('train_sampling_strategy', 'random'), dataloader_num_workers=0, seed=s['seed'])
+      dataloader_num_workers=0, seed=s['seed'], **sampler_args)
   sft = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()])
   positions = []  # Token positions each micro-batch computes, padding included.
   compute_loss = sft.compute_loss
