@@ -5,10 +5,18 @@ import importlib.util
 import os
 import pathlib
 import shutil
+import signal
 import tempfile
 
 import numpy as np
 import pytest
+
+# A suite started with SIGINT ignored (under nohup, or as `cmd &` from a script) would pass that on: Python then
+# installs no KeyboardInterrupt handler, and jaxsft rightly leaves an ignored SIGINT ignored, so the Ctrl-C tests
+# would test nohup instead. The tests play a terminal user's process: restore Python's default (subprocesses then
+# start with SIGINT's default action).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The data index cache of every run in the test session (also of subprocesses, which inherit the
 # environment) goes to a fresh directory: no test reads what an earlier session left in ~/.cache.
