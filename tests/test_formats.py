@@ -406,7 +406,11 @@ def test_renders_in_threads_do_not_share_the_generation_tracker(chatml_marked):
 
   a = threading.Thread(target=run, args=('held', held))
   a.start()
-  assert _SlowText.entered.wait(10)
+  while a.is_alive() and not _SlowText.entered.wait(0.05):
+    pass
+  if not _SlowText.entered.is_set():  # Newer transformers (lane 2) render a plain-str copy of the content.
+    a.join()
+    pytest.skip('this transformers renders a copy of the message content: a render cannot be held open here')
   b = threading.Thread(target=run, args=('other', other))
   b.start()
   b.join(0.5)  # B renders now, unless B waits for A's render to end.
