@@ -142,7 +142,7 @@ def _resolve_template(tokenizer, template_kwargs: dict) -> str | None:
 
 def _render(tokenizer, messages: list[dict], template_kwargs: dict, *, add_generation_prompt: bool) -> str:
   return apply_chat_template(tokenizer, messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                       **template_kwargs)
+                             **template_kwargs)
 
 
 def _derived_assistant_mask(tokenizer, messages: list[dict],
