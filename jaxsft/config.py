@@ -17,6 +17,7 @@ import os
 from ml_collections import config_dict
 
 from jaxsft import fields
+from jaxsft import urls
 from jaxsft.errors import InputError
 # The names a choice field takes (fields.py is their home; config.SCHEDULES and the rest stay importable from here).
 from jaxsft.fields import (ATTENTION_IMPLS, EVAL_STRATEGIES, EXPORT_DTYPES, LENGTH_BUCKETS, MODEL_INITS,
@@ -59,6 +60,7 @@ def _choice(value, field: str, choices):
 def validate(config: config_dict.ConfigDict) -> None:
   """Checks the config without touching data or devices; raises InputError naming the field."""
   model_path = _need(config, 'model_name_or_path')
+  urls.refuse_config(config)  # Before any os.path use: 'gs://b/run' would be the local folder './gs:/b/run'.
   if config.dataset_mixture is None:
     _need(config, 'dataset_name')
   elif config.dataset_name:

@@ -28,6 +28,7 @@ from jaxsft import checkpoint
 from jaxsft import cli
 from jaxsft import run_dir
 from jaxsft import tokenizer as tokenizer_lib
+from jaxsft import urls
 from jaxsft.errors import InputError
 from jaxsft.models import hf
 from jaxsft.models import hf_config
@@ -91,6 +92,8 @@ def load_checkpoint_model(root: str, step: int, meta: run_dir.RunMeta):
 def export_checkpoint(checkpoint_path: str, out_dir: str, *, dtype: str | None = None,
                       max_shard_bytes: int = 5 * 2**30) -> str:
   """Exports checkpoint `checkpoint_path` (see the module docstring) to `out_dir`; returns `out_dir`."""
+  urls.refuse(checkpoint_path, '--checkpoint')
+  urls.refuse(out_dir, '--out')
   root, step = checkpoint.locate(checkpoint_path, field='--checkpoint')
   meta = run_dir.RunMeta.from_json(checkpoint.read_meta(root, step))
   model = load_checkpoint_model(root, step, meta)

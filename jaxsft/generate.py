@@ -20,6 +20,7 @@ from jaxsft import cli
 from jaxsft import sampler
 from jaxsft import sharding
 from jaxsft import tokenizer as tokenizer_lib
+from jaxsft import urls
 from jaxsft.data import formats
 from jaxsft.errors import InputError
 from jaxsft.models import hf_config
@@ -39,6 +40,7 @@ def load_model(model_dir: str, *, dtype: str = 'auto', mesh=None):
   `dtype` 'auto' computes in config.json's dtype (float32 if it names none); parameters are stored in it too.
   """
   from jaxsft.models import hf  # pylint: disable=import-outside-toplevel
+  urls.refuse(model_dir, '--model')
   if not os.path.isdir(model_dir):
     raise InputError(f'--model: no such directory {model_dir!r}')
   if not os.path.isfile(os.path.join(model_dir, 'config.json')):

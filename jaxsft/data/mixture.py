@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxsft import urls
 from jaxsft.data.named import open_split
 from jaxsft.data.sources import Concat, Select, Source, select_columns
 from jaxsft.errors import InputError
@@ -138,6 +139,7 @@ def _parse_entry(entry: Any, field: str) -> MixtureEntry:
   name = entry.get('id')
   if not isinstance(name, str) or not name:
     raise InputError(f"config field '{field}.id': expected a dataset name or path, got {name!r}")
+  urls.refuse(name, f"config field '{field}.id'")
   config = entry.get('config')
   if config is not None and not isinstance(config, str):
     raise InputError(f"config field '{field}.config': expected a string or null, got {config!r}")

@@ -1,0 +1,87 @@
+"""URL paths (gs://, s3://, hdfs://, ...) are refused in one line naming the field, before anything is written.
+
+Unchecked, `--config.output_dir=gs://bucket/run` trained into a local folder './gs:/bucket/run' (issue 17).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxsft import config as config_lib
+from jaxsft import export
+from jaxsft import urls
+from jaxsft.data import mixture
+from jaxsft.errors import InputError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('value,expected', [
+    ('gs://bucket/run', 'gs'), ('GS://Bucket', 'gs'), ('s3://b/k', 's3'), ('hdfs://nn:8020/x', 'hdfs'),
+    ('https://huggingface.co/x', 'https'), ('file:///tmp/x', 'file'), ('gcs+grpc://b', 'gcs+grpc'),
+    ('runs/tiny', None), ('/abs/gs://x', None), ('./gs:/bucket/run', None), ('Qwen/Qwen2.5-0.5B', None),
+    ('C:\\data\\train.jsonl', None), ('', None), (None, None), (3, None),
+])
+def test_scheme(value, expected):
+  assert urls.scheme(value) == expected
+
+
+def _config(**overrides):
+  c = config_lib.base_config()
+  c.model_name_or_path = 'org/model'
+  c.model_init = 'random'
+  c.dataset_name = 'org/data'
+  c.output_dir = 'runs/x'
+  for key, value in overrides.items():
+    c[key] = value
+  return c
+
+
+def test_local_config_passes():
+  config_lib.validate(_config())
+
+
+@pytest.mark.parametrize('field', urls.PATH_FIELDS + ('dataset_mixture',))
+def test_every_path_field_is_refused(field):
+  overrides = {field: 'gs://bucket/x'}
+  if field == 'dataset_mixture':
+    overrides['dataset_name'] = None
+  with pytest.raises(InputError) as e:
+    config_lib.validate(_config(**overrides))
+  assert str(e.value).startswith(f"config field '{field}': 'gs://bucket/x' is a gs:// URL;"), str(e.value)
+  assert '\n' not in str(e.value)
+
+
+def test_mixture_entry_id_is_refused():
+  with pytest.raises(InputError, match=r"config field 'dataset_mixture.datasets\[1\].id': 's3://b/d.jsonl' is an? s3"):
+    mixture.parse_mixture({'datasets': [{'id': 'org/a'}, {'id': 's3://b/d.jsonl'}]})
+
+
+def test_export_refuses_urls_before_reading(tmp_path):
+  with pytest.raises(InputError, match=r"^--checkpoint: 'gs://b/run' is a gs:// URL"):
+    export.export_checkpoint('gs://b/run', str(tmp_path / 'hf'))
+  with pytest.raises(InputError, match=r"^--out: 'gs://b/hf' is a gs:// URL"):
+    export.export_checkpoint(str(tmp_path), 'gs://b/hf')
+
+
+def _run(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=cwd, env=env, text=True, capture_output=True,
+                        timeout=180, check=False)
+
+
+@pytest.mark.parametrize('module,args', [
+    ('jaxsft.train', ('--config', os.path.join(ROOT, 'configs/tiny.py'), '--config.output_dir=gs://bucket/run')),
+    ('jaxsft.train', ('--config', os.path.join(ROOT, 'configs/tiny.py'), '--config.output_dir=hdfs://nn/run')),
+    ('jaxsft.export', ('--checkpoint', 'runs/none', '--out', 'gs://bucket/hf')),
+])
+def test_command_line_refuses_a_url_and_writes_nothing(tmp_path, module, args):
+  """Through the real command line, in an empty working directory: one `error:` line, exit 2, no folder made."""
+  proc = _run(module, *args, cwd=tmp_path)
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and 'URL; jaxsft reads and writes local paths only' in errors[0], proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  assert os.listdir(tmp_path) == []
