@@ -14,9 +14,11 @@ from jaxsft.errors import InputError
 # RFC 3986 scheme, then '://'. Hub ids ('org/name'), local paths and Windows drives ('C:\\x') never match.
 _URL_RE = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*)://')
 
-# The config fields that name a file or directory (a str; None and '' are unset).
+# The config fields that name a file or directory (None and '' are unset; a non-str, e.g. dataset_mixture's dict,
+# is no URL).
 PATH_FIELDS = ('model_name_or_path', 'tokenizer_name_or_path', 'dataset_name', 'dataset_test_split',
-               'dataset_cache_dir', 'chat_template', 'output_dir', 'logging_dir', 'resume_from_checkpoint')
+               'dataset_mixture', 'dataset_cache_dir', 'chat_template', 'output_dir', 'logging_dir',
+               'resume_from_checkpoint')
 
 
 def scheme(value) -> str | None:
@@ -34,7 +36,6 @@ def refuse(value, field: str) -> None:
 
 
 def refuse_config(config) -> None:
-  """`refuse` for every path field of a config (`PATH_FIELDS`, and `dataset_mixture` given as a file path)."""
+  """`refuse` for every path field of a config (`PATH_FIELDS`)."""
   for field in PATH_FIELDS:
     refuse(config.get(field), f'config field {field!r}')
-  refuse(config.get('dataset_mixture'), "config field 'dataset_mixture'")
