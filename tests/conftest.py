@@ -11,6 +11,8 @@ import tempfile
 import numpy as np
 import pytest
 
+from tests.helpers import gcs as gcs_helpers
+
 # A suite started with SIGINT ignored (under nohup, or as `cmd &` from a script) would pass that on: Python then
 # installs no KeyboardInterrupt handler, and jaxsft rightly leaves an ignored SIGINT ignored, so the Ctrl-C tests
 # would test nohup instead. The tests play a terminal user's process: restore Python's default (subprocesses then
@@ -22,6 +24,10 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 # environment) goes to a fresh directory: no test reads what an earlier session left in ~/.cache.
 os.environ['JAXSFT_CACHE_DIR'] = tempfile.mkdtemp(prefix='jaxsft-test-cache-')
 atexit.register(shutil.rmtree, os.environ['JAXSFT_CACHE_DIR'], ignore_errors=True)
+
+# No test talks to real Cloud Storage or runs on GCE: the variables that gcsfs and google-auth read on import (their
+# probes of the bucket type and of the metadata server) are set before anything imports them (tests/helpers/gcs.py).
+os.environ.update(gcs_helpers.IMPORT_TIME_ENV)
 
 # XLA's compiled programs, likewise, go to a fresh directory for the session (jax's persistent compilation cache,
 # every program whatever its size or compile time), in this process and in subprocesses: the many training runs
