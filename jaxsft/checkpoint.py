@@ -24,7 +24,6 @@ the one before it, or stops if there is none. An explicitly named checkpoint (`r
 export) is verified the same way and refused if corrupted.
 """
 
-import glob
 import json
 import os
 import sys
@@ -38,6 +37,7 @@ import orbax.checkpoint as ocp
 from jaxsft import distributed
 from jaxsft import fields
 from jaxsft import integrity
+from jaxsft import storage
 from jaxsft.errors import InputError
 from jaxsft.errors import one_line
 
@@ -50,17 +50,30 @@ class CheckpointError(RuntimeError):
 
 
 def root_of(output_dir: str) -> str:
-  return os.path.join(output_dir, CHECKPOINTS)
+  return storage.join(output_dir, CHECKPOINTS)
 
 
 def _complete_steps(root: str) -> list[int]:
-  """Steps of the complete checkpoints under `root` (a temporary, unfinished one has a suffix)."""
-  if not os.path.isdir(root):
+  """Steps of the complete checkpoints under `root`.
+
+  Locally an unfinished checkpoint is a temporary directory (a suffix after the step). A bucket has no renames:
+  Orbax writes STEP/ in place and commits it with `commit_success.txt`, which jaxsft's checksums precede
+  (`_write_checksums`): there a step is complete when both are in it.
+  """
+  if not storage.isdir(root):
     return []
+  remote = storage.is_remote(root)
   steps = []
-  for name in os.listdir(root):
-    path = os.path.join(root, name)
-    if name.isdigit() and os.path.isdir(os.path.join(path, 'state')) and os.path.isdir(os.path.join(path, 'meta')):
+  for name in storage.listdir(root):
+    if not name.isdigit():
+      continue
+    path = storage.join(root, name)
+    if remote:
+      files = set(storage.listdir(path))
+      complete = {'state', 'meta', 'commit_success.txt', integrity.FILE} <= files
+    else:
+      complete = os.path.isdir(os.path.join(path, 'state')) and os.path.isdir(os.path.join(path, 'meta'))
+    if complete:
       steps.append(int(name))
   return sorted(steps)
 
@@ -81,14 +94,14 @@ def locate(path: str, *, field: str = 'checkpoint') -> tuple[str, int]:
 
 
 def _locate(path: str, field: str) -> tuple[str, int]:
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path):
+  path = storage.absolute(path)
+  if not storage.isdir(path):
     raise InputError(f'{field}: no such directory {path!r}')
-  name = os.path.basename(path)
+  name = storage.basename(path)
   if '.orbax-checkpoint-tmp' in name:
     raise InputError(f'{field}: {path!r} is an unfinished checkpoint (a save that did not complete)')
-  if name.isdigit() and os.path.isdir(os.path.dirname(path)):
-    root, step = os.path.dirname(path), int(name)
+  if name.isdigit() and storage.isdir(storage.dirname(path)):
+    root, step = storage.dirname(path), int(name)
     if step not in _complete_steps(root):
       raise InputError(f'{field}: {path!r} is not a complete jaxsft checkpoint (no state/ and meta/ in it)')
     return root, step
@@ -105,7 +118,7 @@ def verify(root: str, step: int) -> str | None:
   Every process calls it (each reads its share of the files). A checkpoint without checksums (written by a
   jaxsft before them) cannot be verified: it is accepted, with a warning.
   """
-  directory = os.path.join(root, str(step))
+  directory = storage.join(root, str(step))
   if not integrity.has_checksums(directory):
     _log(f'warning: checkpoint {directory} has no {integrity.FILE} (an older jaxsft wrote it): not verified')
     return None
@@ -141,12 +154,12 @@ def _quarantine(root: str, steps: list[int]) -> None:
   anew, and Orbax does not write over an existing step."""
   if jax.process_index() == 0:
     for step in steps:
-      target = os.path.join(root, f'{step}.corrupted')
+      target = storage.join(root, f'{step}.corrupted')
       n = 1
-      while os.path.exists(target):
+      while storage.exists(target):
         n += 1
-        target = os.path.join(root, f'{step}.corrupted-{n}')
-      os.rename(os.path.join(root, str(step)), target)
+        target = storage.join(root, f'{step}.corrupted-{n}')
+      storage.rename(storage.join(root, str(step)), target)
       _log(f'moved the corrupted checkpoint {step} aside to {target}')
   distributed.gather_text('')  # Every process waits for the renames.
 
@@ -157,14 +170,13 @@ def _log(message: str) -> None:
 
 
 def read_meta(root: str, step: int) -> dict:
-  path = os.path.join(root, str(step), 'meta', 'metadata')
+  directory = storage.join(root, str(step))
   try:
-    with open(path, encoding='utf-8') as f:
-      meta = json.load(f)
+    meta = json.loads(storage.read_text(storage.join(directory, 'meta', 'metadata')))
   except (OSError, ValueError) as e:
-    raise InputError(f'checkpoint {os.path.join(root, str(step))!r}: cannot read its meta ({e})') from None
+    raise InputError(f'checkpoint {directory!r}: cannot read its meta ({e})') from None
   if meta.get('format') != FORMAT:
-    raise InputError(f'checkpoint {os.path.join(root, str(step))!r}: format {meta.get("format")!r}, '
+    raise InputError(f'checkpoint {directory!r}: format {meta.get("format")!r}, '
                      f'this jaxsft reads format {FORMAT}')
   return meta
 
@@ -208,7 +220,7 @@ class Manager:
         read_only=read_only, cleanup_tmp_directories=not read_only,
         async_options=None if read_only else ocp.AsyncOptions(post_finalization_callback=self._write_checksums))
     handlers = {'state': ocp.PyTreeCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
-    self._manager = ocp.CheckpointManager(os.path.abspath(root), options=options, item_handlers=handlers)
+    self._manager = ocp.CheckpointManager(storage.absolute(root), options=options, item_handlers=handlers)
     self._pending = None  # (step, time the save started) of the save being written in the background.
     self._saving_step = None  # The step of the newest save started (its checksums are written in the background).
     self.last_save = {}  # Timings of the last save: 'blocking_seconds', 'total_seconds', 'checksum_seconds'.
@@ -218,10 +230,11 @@ class Manager:
 
   def _write_checksums(self) -> None:
     """Orbax's post-finalization callback (background thread, primary process): the step's files are complete
-    and still in their temporary directory (or in place, on filesystems without atomic renames)."""
+    and still in their temporary directory (or in place, on a bucket, not yet committed)."""
     step = self._saving_step
-    found = sorted(glob.glob(os.path.join(glob.escape(os.path.abspath(self.root)), f'{step}.orbax-checkpoint-tmp*')))
-    directory = found[-1] if found else os.path.join(os.path.abspath(self.root), str(step))
+    root = storage.absolute(self.root)
+    found = sorted(n for n in storage.listdir(root) if n.startswith(f'{step}.orbax-checkpoint-tmp'))
+    directory = storage.join(root, found[-1] if found else str(step))
     t0 = time.perf_counter()
     integrity.write(directory)
     self.last_save['checksum_seconds'] = time.perf_counter() - t0
@@ -263,7 +276,7 @@ class Manager:
 
   def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
     """(state, meta) of checkpoint `step`, its arrays placed per `abstract_state`'s shardings."""
-    where = os.path.join(self.root, str(step))
+    where = storage.join(self.root, str(step))
     meta = read_meta(self.root, step)
     saved = self._manager.item_metadata(step)['state']
     check_compatible(where, _tree(saved), abstract_state)
@@ -272,7 +285,7 @@ class Manager:
 
   def restore_params(self, step: int, abstract_params) -> Any:
     """The parameters alone (an export needs no optimizer state: a third of the bytes)."""
-    where = os.path.join(self.root, str(step))
+    where = storage.join(self.root, str(step))
     saved = self._manager.item_metadata(step)['state']
     check_compatible(where, _tree(saved)['params'], abstract_params)
     args = _restore_args({'params': abstract_params}, partial=True)

@@ -17,6 +17,7 @@ import os
 from ml_collections import config_dict
 
 from jaxsft import fields
+from jaxsft import storage
 from jaxsft import urls
 from jaxsft.errors import InputError
 # The names a choice field takes (fields.py is their home; config.SCHEDULES and the rest stay importable from here).
@@ -60,7 +61,7 @@ def _choice(value, field: str, choices):
 def validate(config: config_dict.ConfigDict) -> None:
   """Checks the config without touching data or devices; raises InputError naming the field."""
   model_path = _need(config, 'model_name_or_path')
-  urls.refuse_config(config)  # Before any os.path use: 'gs://b/run' would be the local folder './gs:/b/run'.
+  urls.refuse_config(config)  # Before any os.path use: 'hdfs://b/run' would be the local folder './hdfs:/b/run'.
   if config.dataset_mixture is None:
     _need(config, 'dataset_name')
   elif config.dataset_name:
@@ -87,7 +88,8 @@ def validate(config: config_dict.ConfigDict) -> None:
     raise InputError(f"config field 'eval_generation_top_p' must be in (0, 1], got {config.eval_generation_top_p}")
   if config.save_total_limit is not None and config.save_total_limit < 1:
     raise InputError(f"config field 'save_total_limit' must be positive or None, got {config.save_total_limit}")
-  if config.resume_from_checkpoint and not os.path.isdir(os.path.expanduser(config.resume_from_checkpoint)):
+  resume = config.resume_from_checkpoint
+  if resume and not storage.is_remote(resume) and not os.path.isdir(os.path.expanduser(resume)):  # (gs://: locate)
     raise InputError(f"config field 'resume_from_checkpoint': no such directory {config.resume_from_checkpoint!r}")
   _choice(config.lr_scheduler_type, 'lr_scheduler_type', SCHEDULES)
   _choice(config.nonfinite_policy, 'nonfinite_policy', NONFINITE_POLICIES)

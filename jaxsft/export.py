@@ -1,7 +1,7 @@
 """Hugging Face export: python -m jaxsft.export --checkpoint DIR --out HF_DIR [--dtype bfloat16|float32].
 
 DIR is a run's OUTPUT_DIR (its newest complete checkpoint), OUTPUT_DIR/checkpoints or
-OUTPUT_DIR/checkpoints/STEP. HF_DIR receives what `transformers.AutoModelForCausalLM.from_pretrained` and vLLM
+OUTPUT_DIR/checkpoints/STEP; DIR and HF_DIR may be local or gs:// (jaxsft/storage.py). HF_DIR receives what `transformers.AutoModelForCausalLM.from_pretrained` and vLLM
 load: safetensors weights (one file, or shards of at most `--max_shard_size` with an index), `config.json`,
 the tokenizer files with the training chat template and eos token, and `generation_config.json` whose
 `eos_token_id` is the tokenizer's (open-r1 PR #663: a mismatch makes generation never stop). The dtype
@@ -27,6 +27,7 @@ from ml_collections import config_dict
 from jaxsft import checkpoint
 from jaxsft import cli
 from jaxsft import run_dir
+from jaxsft import storage
 from jaxsft import tokenizer as tokenizer_lib
 from jaxsft import urls
 from jaxsft.errors import InputError
@@ -35,21 +36,31 @@ from jaxsft.models import hf_config
 
 
 
+def _write_files(model, hf_cfg: dict, tokenizer, generation: dict, directory: str, *, dtype: str,
+                 max_shard_bytes: int) -> None:
+  hf.save_pretrained(model, hf_cfg, directory, dtype=dtype, max_shard_bytes=max_shard_bytes)
+  tokenizer.save_pretrained(directory)
+  with open(os.path.join(directory, 'generation_config.json'), 'w', encoding='utf-8') as f:
+    json.dump(generation, f, indent=2, sort_keys=True)
+
+
 def write_hf_dir(model, hf_cfg: dict, tokenizer, generation: dict, out_dir: str, *, dtype: str,
                  max_shard_bytes: int = 5 * 2**30) -> str:
-  """Writes weights, config, tokenizer and generation config to `out_dir` via `out_dir.tmp` and a rename."""
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+  """Writes weights, config, tokenizer and generation config to `out_dir` via `out_dir.tmp` and a rename (on a
+  bucket: written locally, then uploaded with config.json last, see `storage.put_dir`)."""
+  out_dir = storage.absolute(out_dir)
+  if storage.isfile(out_dir):
     raise InputError(f'export: {out_dir!r} exists and is not a directory')
+  if storage.is_remote(out_dir):
+    with storage.staged_dir(out_dir, commit='config.json') as local:
+      _write_files(model, hf_cfg, tokenizer, generation, local, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return out_dir
   tmp, old = out_dir + '.tmp', out_dir + '.old'
   if not os.path.exists(out_dir) and os.path.isdir(old):  # A crash between the two renames below: undo it.
     os.replace(old, out_dir)
   shutil.rmtree(tmp, ignore_errors=True)
   try:
-    hf.save_pretrained(model, hf_cfg, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, 'generation_config.json'), 'w', encoding='utf-8') as f:
-      json.dump(generation, f, indent=2, sort_keys=True)
+    _write_files(model, hf_cfg, tokenizer, generation, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -65,9 +76,10 @@ def write_hf_dir(model, hf_cfg: dict, tokenizer, generation: dict, out_dir: str,
 
 def load_checkpoint_tokenizer(root: str, meta: run_dir.RunMeta):
   """The tokenizer the run trained with: OUTPUT_DIR/tokenizer, else rebuilt from the run's config."""
-  saved = os.path.join(os.path.dirname(os.path.abspath(root)), run_dir.TOKENIZER_DIR)
-  if os.path.isfile(os.path.join(saved, 'tokenizer_config.json')):
-    return tokenizer_lib.from_pretrained(saved, '--checkpoint')
+  saved = storage.join(storage.dirname(storage.absolute(root)), run_dir.TOKENIZER_DIR)
+  if storage.isfile(storage.join(saved, 'tokenizer_config.json')):
+    with storage.local_copy(saved) as local:
+      return tokenizer_lib.from_pretrained(local, '--checkpoint')
   config = config_dict.ConfigDict({k: v for k, v in meta.config.items() if k != 'resolved'})
   config.chat_template = meta.chat_template or config.get('chat_template')
   return tokenizer_lib.load_tokenizer(config, meta.model_dir)
@@ -92,8 +104,8 @@ def load_checkpoint_model(root: str, step: int, meta: run_dir.RunMeta):
 def export_checkpoint(checkpoint_path: str, out_dir: str, *, dtype: str | None = None,
                       max_shard_bytes: int = 5 * 2**30) -> str:
   """Exports checkpoint `checkpoint_path` (see the module docstring) to `out_dir`; returns `out_dir`."""
-  urls.refuse(checkpoint_path, '--checkpoint')
-  urls.refuse(out_dir, '--out')
+  urls.refuse(checkpoint_path, '--checkpoint', gs=True)
+  urls.refuse(out_dir, '--out', gs=True)
   root, step = checkpoint.locate(checkpoint_path, field='--checkpoint')
   meta = run_dir.RunMeta.from_json(checkpoint.read_meta(root, step))
   model = load_checkpoint_model(root, step, meta)

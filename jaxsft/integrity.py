@@ -11,9 +11,11 @@ timestamp) or adds (`commit_success.txt`) carry no training state and are not li
 
 import concurrent.futures
 import json
-import os
+import posixpath
 
 import xxhash
+
+from jaxsft import storage
 
 FILE = 'checksums.json'
 ALGORITHM = 'xxh3_64'
@@ -23,18 +25,13 @@ _THREADS = 8  # Reads overlap (network filesystems); xxh3 itself runs at memory 
 
 
 def _files(directory: str) -> list[str]:
-  out = []
-  for parent, _, names in os.walk(directory):
-    for name in names:
-      if name not in _UNLISTED:
-        out.append(os.path.relpath(os.path.join(parent, name), directory))
-  return sorted(out)
+  return [n for n in storage.files_under(directory) if posixpath.basename(n) not in _UNLISTED]
 
 
 def _digest(path: str) -> tuple[int, str]:
   h = xxhash.xxh3_64()
   size = 0
-  with open(path, 'rb') as f:
+  with storage.open_file(path, 'rb') as f:
     while block := f.read(_BLOCK):
       h.update(block)
       size += len(block)
@@ -45,19 +42,14 @@ def write(directory: str) -> dict:
   """Writes `directory/checksums.json` for every file under `directory`; returns {'files', 'bytes'}."""
   names = _files(directory)
   with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
-    digests = list(pool.map(lambda n: _digest(os.path.join(directory, n)), names))
+    digests = list(pool.map(lambda n: _digest(storage.join(directory, n)), names))
   record = {'algorithm': ALGORITHM, 'files': {n: {'size': s, 'hash': h} for n, (s, h) in zip(names, digests)}}
-  tmp = os.path.join(directory, FILE + '.tmp')
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(record, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(directory, FILE))
+  storage.write_atomically(storage.join(directory, FILE), json.dumps(record, indent=1, sort_keys=True))
   return {'files': len(names), 'bytes': sum(s for s, _ in digests)}
 
 
 def has_checksums(directory: str) -> bool:
-  return os.path.isfile(os.path.join(directory, FILE))
+  return storage.isfile(storage.join(directory, FILE))
 
 
 def verify(directory: str, *, share: tuple[int, int] = (0, 1)) -> str | None:
@@ -66,15 +58,14 @@ def verify(directory: str, *, share: tuple[int, int] = (0, 1)) -> str | None:
   `share=(i, n)`: only every n-th listed file from the i-th (the processes of a run split the reading).
   """
   try:
-    with open(os.path.join(directory, FILE), encoding='utf-8') as f:
-      listed = json.load(f)['files']
+    listed = json.loads(storage.read_text(storage.join(directory, FILE)))['files']
   except (OSError, ValueError, KeyError, TypeError) as e:
     return f'its {FILE} cannot be read ({type(e).__name__})'
   names = sorted(listed)[share[0]::share[1]]
 
   def check(name: str) -> str | None:
-    path = os.path.join(directory, name)
-    if not os.path.isfile(path):
+    path = storage.join(directory, name)
+    if not storage.isfile(path):
       return f'file {name} is missing'
     size, digest = _digest(path)
     want = listed[name]

@@ -4,8 +4,8 @@ A failing checkpoint write (a full disk, a lost filesystem) makes Orbax, tensors
 lines of log records and background-thread tracebacks above jaxsft's one-line error. While a run trains,
 `LibraryLog` sends the records of Python's `logging` (absl's included, at the verbosity the CLI set), the
 tracebacks of exceptions that end a background thread, and unraisable exceptions to
-`OUTPUT_DIR/logs/libraries.log` (`libraries.process_N.log` for process N > 0); jaxsft's own lines still go to the
-console. If that file cannot be written (the disk that failed), the records go to a file in the system's
+`OUTPUT_DIR/logs/libraries.log` (`libraries.process_N.log` for process N > 0; on a gs:// output_dir, a local
+temporary file uploaded there when the run ends); jaxsft's own lines still go to the console. If that file cannot be written (the disk that failed), the records go to a file in the system's
 temporary directory instead. `path` is where they went, for the error line that points to them.
 """
 
@@ -18,6 +18,8 @@ import threading
 import traceback
 
 import jax
+
+from jaxsft import storage
 
 
 class _Sink:
@@ -75,7 +77,13 @@ class LibraryLog:
   def __init__(self, output_dir: str):
     index = jax.process_index()
     name = 'libraries.log' if index == 0 else f'libraries.process_{index}.log'
-    self._sink = _Sink(os.path.join(output_dir, 'logs', name))
+    self._remote = storage.join(output_dir, 'logs', name) if storage.is_remote(output_dir) else None
+    if self._remote:  # Appends to a local file; uploaded when the run ends (a bucket has no appends).
+      fd, local = tempfile.mkstemp(prefix='jaxsft-libraries-', suffix='.log')
+      os.close(fd)
+      self._sink = _Sink(local)
+    else:
+      self._sink = _Sink(os.path.join(output_dir, 'logs', name))
     self._saved = None
 
   @property
@@ -124,3 +132,16 @@ class LibraryLog:
     for handler in handlers:
       root.addHandler(handler)
     self._sink.close()
+    if self._remote:
+      self._upload()
+
+  def _upload(self) -> None:
+    """OUTPUT_DIR/logs/NAME on the bucket, if anything was written; else (or if that fails) the local file stays."""
+    if self._sink.count:
+      try:
+        with open(self._sink.path, 'rb') as f:
+          storage.write_atomically(self._remote, f.read())
+      except Exception:  # pylint: disable=broad-except  (the records stay in the local file `path` names)
+        return
+    os.remove(self._sink.path)
+    self._sink.path = self._remote

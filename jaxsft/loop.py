@@ -15,7 +15,6 @@ cover the later steps, without evaluation time and without the compilations of l
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any
 
@@ -33,6 +32,7 @@ from jaxsft import preemption as preemption_lib
 from jaxsft import reporting
 from jaxsft import run_dir
 from jaxsft import step as step_lib
+from jaxsft import storage
 from jaxsft.data import pipeline
 from jaxsft.data import prepare
 from jaxsft.prefetch import Prefetcher
@@ -174,7 +174,7 @@ class Checkpointer:
       self.save(run)
     if preempted:
       self.manager.wait()
-      raise preemption_lib.Preempted(self.preemption.signum, run.step, os.path.join(self.manager.root, str(run.step)))
+      raise preemption_lib.Preempted(self.preemption.signum, run.step, storage.join(self.manager.root, str(run.step)))
 
   def save(self, run: Run) -> None:
     run.guard.check(run.window, run.step)  # Never a checkpoint of non-finite state.

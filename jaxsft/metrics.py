@@ -29,7 +29,6 @@ The training loop counts the attended keys exactly on the devices from the batch
 
 import collections
 import json
-import os
 import sys
 import time
 
@@ -37,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import tqdm
 
+from jaxsft import storage
 from jaxsft.models.transformer import ModelConfig
 
 # Peak dense bf16 FLOP/s per device, by `device.device_kind` prefix (first match wins: specific names first).
@@ -141,21 +141,36 @@ def peak_memory_bytes() -> int | None:
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step to OUTPUT_DIR/metrics.jsonl (process 0 only)."""
+  """Appends one JSON object per logged step to OUTPUT_DIR/metrics.jsonl (process 0 only).
+
+  Locally each row is appended and flushed. A bucket has no appends: there the file's rows are kept here and the
+  whole object is uploaded again after each row (one upload is atomic, so a killed run leaves the previous
+  version, never a torn line; a few MB per upload even for tens of thousands of rows).
+  """
 
   def __init__(self, output_dir: str):
-    self.path = os.path.join(output_dir, 'metrics.jsonl')
-    self._file = open(self.path, 'a', encoding='utf-8') if is_main_process() else None
+    self.path = storage.join(output_dir, 'metrics.jsonl')
+    self._file = self._text = None
+    if not is_main_process():
+      return
+    if storage.is_remote(self.path):
+      self._text = storage.read_text(self.path) if storage.isfile(self.path) else ''
+    else:
+      self._file = open(self.path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
 
   def write(self, row: dict) -> None:
+    line = json.dumps(row) + '\n'
     if self._file is not None:
-      self._file.write(json.dumps(row) + '\n')
+      self._file.write(line)
       self._file.flush()
+    elif self._text is not None:
+      self._text += line
+      storage.write_atomically(self.path, self._text)
 
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
-      self._file = None
+    self._file = self._text = None
 
 
 class Throughput:

@@ -11,6 +11,7 @@ import importlib
 import json
 import numbers
 import os
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ import tqdm
 
 from jaxsft import config as config_lib
 from jaxsft import metrics as metrics_lib
+from jaxsft import storage
 from jaxsft.errors import InputError
 from jaxsft.errors import one_line
 
@@ -143,7 +145,7 @@ class Reporter:
       return
     try:
       if 'tensorboard' in report_to:
-        self.tensorboard_dir = logging_dir or os.path.join(output_dir, 'tensorboard')
+        self.tensorboard_dir = logging_dir or storage.join(output_dir, 'tensorboard')
         self._tensorboard = _tensorboard_writer(self.tensorboard_dir, resume_step)
       if 'wandb' in report_to:
         self._wandb = _wandb_run(output_dir, run_config, run_name=run_name, project=wandb_project, entity=wandb_entity,
@@ -229,25 +231,31 @@ def _wandb_run(output_dir: str, run_config: dict | None, *, run_name, project, e
   problem = _wandb_credentials_problem()  # Checked again here: wandb.init must never prompt.
   if problem:
     raise InputError(problem)
-  id_path = os.path.join(output_dir, WANDB_ID_FILE)
+  id_path = storage.join(output_dir, WANDB_ID_FILE)
   run_id = None
-  if os.path.isfile(id_path):
-    with open(id_path, encoding='utf-8') as f:
-      run_id = f.read().strip() or None
+  if storage.isfile(id_path):
+    run_id = storage.read_text(id_path).strip() or None
   try:
     run = wandb.init(project=project or os.environ.get('WANDB_PROJECT') or 'jaxsft', entity=entity, group=group,
-                     name=run_name or os.path.basename(os.path.normpath(output_dir)), dir=output_dir,
+                     name=run_name or storage.basename(storage.absolute(output_dir)), dir=_wandb_dir(output_dir),
                      config=run_config, id=run_id, resume='allow')
   except Exception as e:  # pylint: disable=broad-except  (network, server, permissions: all one line)
     raise InputError(f"config field 'report_to' names 'wandb' but W&B could not start a run "
                      f"({one_line(e, 300, typed=True)}); "
                      'check `wandb login` and the network, or set WANDB_MODE=offline to log locally') from None
   if run_id is None and run.id:
-    tmp = id_path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      f.write(run.id + '\n')
-    os.replace(tmp, id_path)
+    storage.write_atomically(id_path, run.id + '\n')
   return run
+
+
+def _wandb_dir(output_dir: str) -> str:
+  """Where W&B keeps its local files: OUTPUT_DIR, or for a gs:// one a local directory (W&B writes only locally;
+  it uploads them to its server itself)."""
+  if not storage.is_remote(output_dir):
+    return output_dir
+  local = os.path.join(tempfile.gettempdir(), 'jaxsft-wandb', output_dir.split('://', 1)[1].replace('/', '_'))
+  os.makedirs(local, exist_ok=True)
+  return local
 
 
 class ProgressBar:

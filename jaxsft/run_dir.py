@@ -18,7 +18,6 @@ import dataclasses
 import datetime
 import json
 import os
-import shutil
 import socket
 import sys
 import time
@@ -29,6 +28,7 @@ import numpy as np
 from jaxsft import checkpoint
 from jaxsft import distributed
 from jaxsft import metrics as metrics_lib
+from jaxsft import storage
 from jaxsft.errors import InputError
 
 LOCK = '.lock'
@@ -59,7 +59,7 @@ class RunLock:
 
   def __init__(self, output_dir: str):
     self.output_dir = output_dir
-    self.path = os.path.join(output_dir, LOCK)
+    self.path = storage.join(output_dir, LOCK)
     self._held = False
     self._created_dir = False
 
@@ -72,11 +72,11 @@ class RunLock:
   def _take(self) -> str:
     """Takes the lock; returns '' or the reason it cannot be taken."""
     field = f"config field 'output_dir': {self.output_dir!r}"
-    if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
-      return f'{field} exists and is not a directory'
     try:
-      if not os.path.isdir(self.output_dir):
-        os.makedirs(self.output_dir)
+      if storage.isfile(self.output_dir):
+        return f'{field} exists and is not a directory'
+      if not storage.isdir(self.output_dir):
+        storage.makedirs(self.output_dir)
         self._created_dir = True
     except OSError as e:
       return f'{field} cannot be created: {e.strerror or e}'
@@ -84,8 +84,10 @@ class RunLock:
               'command': ' '.join(sys.argv)[:500]}
     for _ in range(3):
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
+        taken = storage.create_exclusive(self.path, json.dumps(record))
+      except OSError as e:
+        return f'{field} is not writable: {e.strerror or e}'
+      if not taken:
         holder = self._holder()
         if holder is None:  # Vanished (its run just ended) or unreadable: try again.
           time.sleep(0.2)
@@ -94,7 +96,7 @@ class RunLock:
           log(f'warning: taking over the lock of run pid {holder.get("pid")} on this host, which is no longer '
               f'running ({self.path}, started {_when(holder)})')
           try:
-            os.remove(self.path)
+            storage.remove(self.path)
           except FileNotFoundError:
             pass
           continue
@@ -102,29 +104,20 @@ class RunLock:
             f'on host {holder.get("host")!r} (if that run is dead, remove {self.path})')
         return (f'{field} is in use by another run: pid {holder.get("pid")} {where}, started {_when(holder)}; '
                 'one run per output_dir at a time')
-      except OSError as e:
-        return f'{field} is not writable: {e.strerror or e}'
-      try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-          json.dump(record, f)
-      except OSError as e:
-        self._remove_quietly()
-        return f'{field} is not writable: {e.strerror or e}'
       self._held = True
       return ''
     return f'{field}: cannot take its lock {self.path} (it keeps changing)'
 
   def _holder(self) -> dict | None:
     try:
-      with open(self.path, encoding='utf-8') as f:
-        holder = json.load(f)
+      holder = json.loads(storage.read_text(self.path))
       return holder if isinstance(holder, dict) else None
     except (OSError, ValueError):
       return None
 
   def _remove_quietly(self) -> None:
     try:
-      os.remove(self.path)
+      storage.remove(self.path)
     except OSError:
       pass
 
@@ -135,7 +128,7 @@ class RunLock:
     holder = self._holder()
     if holder is not None and holder.get('pid') == os.getpid() and holder.get('host') == socket.gethostname():
       self._remove_quietly()
-    if self._created_dir:
+    if self._created_dir and not storage.is_remote(self.output_dir):  # (A bucket has no empty directories.)
       try:
         os.rmdir(self.output_dir)  # Only if the run left it empty.
       except OSError:
@@ -165,29 +158,28 @@ def check_shared(output_dir: str) -> None:
     return
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   nonce = int(multihost_utils.broadcast_one_to_all(np.int64(time.time_ns() % 2**62)))
-  marker = os.path.join(output_dir, f'.shared-check-{nonce}')
+  marker = storage.join(output_dir, f'.shared-check-{nonce}')
   if jax.process_index() == 0:
-    os.makedirs(output_dir, exist_ok=True)
-    with open(marker, 'w', encoding='utf-8'):
-      pass
+    storage.makedirs(output_dir)
+    storage.write_atomically(marker, '')
   multihost_utils.sync_global_devices('jaxsft: output_dir marker written')
-  seen = np.asarray(multihost_utils.process_allgather(np.int32(os.path.exists(marker))))
+  seen = np.asarray(multihost_utils.process_allgather(np.int32(storage.exists(marker))))
   multihost_utils.sync_global_devices('jaxsft: output_dir marker read')
   if jax.process_index() == 0:
-    os.remove(marker)
+    storage.remove(marker)
   if not seen.all():
     missing = ', '.join(str(p) for p in np.flatnonzero(seen == 0))
     raise InputError(f"config field 'output_dir': process(es) {missing} do not see {output_dir!r} as process 0 "
                      'does; every process writes its checkpoint shards there, so it must be one directory on a '
-                     'filesystem all hosts share (NFS/Filestore, a gcsfuse mount)')
+                     'filesystem all hosts share (a gs:// bucket, NFS/Filestore)')
 
 
 def _refuse_earlier_run(output_dir: str) -> None:
   """Refuses to start over in a directory that holds an earlier run: nothing written is ever overwritten."""
-  if os.path.exists(os.path.join(output_dir, 'metrics.jsonl')):
+  if storage.exists(storage.join(output_dir, 'metrics.jsonl')):
     raise InputError(f"config field 'output_dir': {output_dir!r} already holds a run (metrics.jsonl); "
                      'choose another output_dir or remove that one')
-  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+  if storage.isfile(output_dir):
     raise InputError(f"config field 'output_dir': {output_dir!r} exists and is not a directory")
 
 
@@ -212,11 +204,10 @@ def rewind_metrics(output_dir: str, step: int) -> None:
   The rows removed (written after the checkpoint by the interrupted run) are kept in
   metrics.before-resume-at-STEP.jsonl; nothing is lost.
   """
-  path = os.path.join(output_dir, 'metrics.jsonl')
-  if not metrics_lib.is_main_process() or not os.path.isfile(path):
+  path = storage.join(output_dir, 'metrics.jsonl')
+  if not metrics_lib.is_main_process() or not storage.isfile(path):
     return
-  with open(path, encoding='utf-8') as f:
-    lines = f.readlines()
+  lines = storage.read_text(path).splitlines(keepends=True)
   keep = []
   for line in lines:
     try:
@@ -226,16 +217,13 @@ def rewind_metrics(output_dir: str, step: int) -> None:
       pass
   if len(keep) == len(lines):
     return
-  backup = os.path.join(output_dir, f'metrics.before-resume-at-{step}.jsonl')
+  backup = storage.join(output_dir, f'metrics.before-resume-at-{step}.jsonl')
   n = 1
-  while os.path.exists(backup):
+  while storage.exists(backup):
     n += 1
-    backup = os.path.join(output_dir, f'metrics.before-resume-at-{step}.{n}.jsonl')
-  shutil.copyfile(path, backup)
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.writelines(keep)
-  os.replace(tmp, path)
+    backup = storage.join(output_dir, f'metrics.before-resume-at-{step}.{n}.jsonl')
+  storage.write_atomically(backup, ''.join(lines))
+  storage.write_atomically(path, ''.join(keep))
   log(f'metrics.jsonl rewound to step {step} ({len(lines) - len(keep)} later rows kept in {backup})')
 
 
@@ -243,20 +231,12 @@ def save_tokenizer(tokenizer, output_dir: str) -> None:
   """OUTPUT_DIR/tokenizer: the training tokenizer, so an export needs nothing but the run directory."""
   if not metrics_lib.is_main_process():
     return
-  final = os.path.join(output_dir, TOKENIZER_DIR)
-  tmp = final + '.tmp'
-  shutil.rmtree(tmp, ignore_errors=True)
-  tokenizer.save_pretrained(tmp)
-  if os.path.exists(final):
-    shutil.rmtree(final)
-  os.replace(tmp, final)
+  with storage.staged_dir(storage.join(output_dir, TOKENIZER_DIR), commit='tokenizer_config.json') as local:
+    tokenizer.save_pretrained(local)
 
 
 def write_json_atomically(path: str, obj) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  storage.write_atomically(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 

@@ -192,12 +192,21 @@ def files_under(directory: str) -> list[str]:
   return sorted(posixpath.relpath(p, key) for p in _fs().find(key))
 
 
-def put_dir(local_dir: str, path: str) -> None:
-  """Copies the local directory `local_dir` to `path` (a bucket prefix or a local directory, replaced)."""
+def put_dir(local_dir: str, path: str, *, commit: str | None = None) -> None:
+  """Copies the local directory `local_dir` to `path` (a bucket prefix or a local directory), replacing it.
+
+  On a bucket the copy is object by object. `commit` names the file that readers open first (a Hugging Face
+  directory's config.json): it is removed before anything else and uploaded last, so a copy cut short leaves a
+  directory that readers refuse (no such file), never a mix of old and new files that they would load.
+  """
   if is_remote(path):
-    rmtree(path)
     fs = _fs()
-    for name in files_under(local_dir):
+    if commit is not None:
+      with contextlib.suppress(FileNotFoundError):
+        remove(join(path, commit))
+    rmtree(path)
+    names = files_under(local_dir)
+    for name in sorted(names, key=lambda n: n == commit):
       fs.put_file(os.path.join(local_dir, name), f'{_key(path)}/{name}')
     return
   if os.path.exists(path):
@@ -221,16 +230,17 @@ def local_copy(path: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def staged_dir(path: str) -> Iterator[str]:
+def staged_dir(path: str, *, commit: str | None = None) -> Iterator[str]:
   """A local directory to write `path`'s files into (for writers that only write locally: save_pretrained).
 
   Local: `path + '.tmp'`, renamed onto `path` when the block ends (a killed writer never leaves a torn `path`).
-  Remote: a temporary directory, uploaded to `path` when the block ends. Nothing is written if the block raises.
+  Remote: a temporary directory, uploaded to `path` when the block ends (`put_dir`, with `commit`). Nothing is
+  written if the block raises.
   """
   if is_remote(path):
     with tempfile.TemporaryDirectory(prefix='jaxsft-') as tmp:
       yield tmp
-      put_dir(tmp, path)
+      put_dir(tmp, path, commit=commit)
     return
   tmp = path + '.tmp'
   shutil.rmtree(tmp, ignore_errors=True)

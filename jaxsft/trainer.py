@@ -11,7 +11,6 @@ is written only after that. The loop and its actions are jaxsft/loop.py.
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
@@ -31,6 +30,7 @@ from jaxsft import run_dir
 from jaxsft import sharding
 from jaxsft import state as state_lib
 from jaxsft import step as step_lib
+from jaxsft import storage
 from jaxsft import tokenizer as tokenizer_lib
 from jaxsft.data import index as index_lib
 from jaxsft.data import prepare
@@ -79,7 +79,7 @@ def _run(config: config_dict.ConfigDict) -> dict[str, Any]:
   tx, schedule = state_lib.make_optimizer(config, geometry.total_steps)
   resolved = _resolved_config(config, mesh, data, micro_batch_size, tokenizer, model_cfg)
   if start:
-    where = os.path.join(*map(str, start))
+    where = storage.join(*map(str, start))
     for change in checkpoint.check_config(where, saved.config, resolved, config.resume_allow_changes):
       log(f'resuming with a changed config field: {change}')
     if saved.step > geometry.total_steps:
@@ -98,8 +98,8 @@ def _run(config: config_dict.ConfigDict) -> dict[str, Any]:
                        else f'loaded from {model_dir!r}')
   # Written only now: a run that failed on its input (incompatible checkpoint, bad weights) changed nothing.
   if metrics_lib.is_main_process():
-    os.makedirs(config.output_dir, exist_ok=True)
-    run_dir.write_json_atomically(os.path.join(config.output_dir, 'config.json'), resolved)
+    storage.makedirs(config.output_dir)
+    run_dir.write_json_atomically(storage.join(config.output_dir, 'config.json'), resolved)
     run_dir.save_tokenizer(tokenizer, config.output_dir)
   meta = run_dir.RunMeta(config=resolved, hf_config=hf_cfg, model_dir=model_dir,
                          generation_config=tokenizer_lib.generation_config(model_dir, tokenizer),
@@ -129,7 +129,7 @@ def _run(config: config_dict.ConfigDict) -> dict[str, Any]:
       model = nnx.merge(graphdef, sharding.gather_to_host(state['params']))
   finally:
     manager.close()
-  export_dir = os.path.join(config.output_dir, 'hf')
+  export_dir = storage.join(config.output_dir, 'hf')
   if metrics_lib.is_main_process():
     export_lib.write_hf_dir(model, hf_cfg, tokenizer, meta.generation_config, export_dir, dtype=meta.export_dtype)
   log(f'exported the Hugging Face model to {export_dir}')

@@ -1,10 +1,10 @@
-"""Paths given as URLs (gs://, s3://, hdfs://, https://, ...): refused in one line, naming the field.
+"""Paths given as URLs (gs://, s3://, hdfs://, https://, ...): the ones jaxsft cannot open are refused in one line.
 
-jaxsft reads and writes local paths (a bucket is used through a mount, e.g. gcsfuse: README "TPU pods").
-An `os.path` function given 'gs://bucket/run' sees the relative folder './gs:/bucket/run': unchecked, a run
-to `--config.output_dir=gs://bucket/run` trained, wrote metrics.jsonl, config.json and the tokenizer into
-that local folder without a word, and failed at its first checkpoint. Every path field of the config and every
-path flag of the command-line tools passes through `refuse` first, before any I/O or compilation.
+jaxsft opens local paths and, where a field says so, gs:// URLs (jaxsft/storage.py). An `os.path` function given
+'gs://bucket/run' sees the relative folder './gs:/bucket/run': unchecked, a run to an unsupported URL trained,
+wrote metrics.jsonl, config.json and the tokenizer into that local folder without a word, and failed at its
+first checkpoint. Every path field of the config and every path flag of the command-line tools passes through
+`refuse` first, before any I/O or compilation.
 """
 
 import re
@@ -15,10 +15,11 @@ from jaxsft.errors import InputError
 _URL_RE = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*)://')
 
 # The config fields that name a file or directory (None and '' are unset; a non-str, e.g. dataset_mixture's dict,
-# is no URL).
+# is no URL), and those of them that may be a gs:// URL (the run directory and what is read back from it).
 PATH_FIELDS = ('model_name_or_path', 'tokenizer_name_or_path', 'dataset_name', 'dataset_test_split',
                'dataset_mixture', 'dataset_cache_dir', 'chat_template', 'output_dir', 'logging_dir',
                'resume_from_checkpoint')
+GS_FIELDS = ('output_dir', 'logging_dir', 'resume_from_checkpoint')
 
 
 def scheme(value) -> str | None:
@@ -27,15 +28,17 @@ def scheme(value) -> str | None:
   return match.group(1).lower() if match else None
 
 
-def refuse(value, field: str) -> None:
-  """Raises InputError naming `field` if `value` is a URL (see the module docstring)."""
+def refuse(value, field: str, *, gs: bool = False) -> None:
+  """Raises InputError naming `field` if `value` is a URL it cannot take (a gs:// one is taken where `gs`)."""
   name = scheme(value)
-  if name is not None:
-    raise InputError(f'{field}: {value!r} is a {name}:// URL; jaxsft reads and writes local paths only '
-                     f'(mount the bucket, e.g. with gcsfuse, and give the mounted path: README "TPU pods")')
+  if name is None or (gs and name == 'gs'):
+    return
+  takes = 'a local path or a gs:// URL' if gs else 'a local path'
+  hint = ' (copy it to local disk, or mount the bucket with gcsfuse and give the mounted path)' if name == 'gs' else ''
+  raise InputError(f'{field}: {value!r} is a {name}:// URL; this takes {takes}{hint}')
 
 
 def refuse_config(config) -> None:
-  """`refuse` for every path field of a config (`PATH_FIELDS`)."""
+  """`refuse` for every path field of a config (`PATH_FIELDS`; gs:// where `GS_FIELDS`)."""
   for field in PATH_FIELDS:
-    refuse(config.get(field), f'config field {field!r}')
+    refuse(config.get(field), f'config field {field!r}', gs=field in GS_FIELDS)

@@ -1,6 +1,8 @@
-"""URL paths (gs://, s3://, hdfs://, ...) are refused in one line naming the field, before anything is written.
+"""URL paths that jaxsft cannot open (s3://, hdfs://, ...; gs:// outside the run-directory fields) are refused in one
+line naming the field, before anything is written.
 
-Unchecked, `--config.output_dir=gs://bucket/run` trained into a local folder './gs:/bucket/run' (issue 17).
+Unchecked, `--config.output_dir=gs://bucket/run` trained into a local folder './gs:/bucket/run' (issue 17); gs://
+output directories now go through jaxsft/storage.py (tests/test_gcs_runs.py).
 """
 
 import os
@@ -43,15 +45,32 @@ def test_local_config_passes():
   config_lib.validate(_config())
 
 
-@pytest.mark.parametrize('field', urls.PATH_FIELDS)
-def test_every_path_field_is_refused(field):
-  overrides = {field: 'gs://bucket/x'}
+def _overrides(field, value):
+  overrides = {field: value}
   if field == 'dataset_mixture':
     overrides['dataset_name'] = None
+  return overrides
+
+
+@pytest.mark.parametrize('url', ['s3://bucket/x', 'hdfs://nn:8020/x', 'https://host/x'])
+@pytest.mark.parametrize('field', urls.PATH_FIELDS)
+def test_every_path_field_refuses_schemes_jaxsft_cannot_open(field, url):
   with pytest.raises(InputError) as e:
-    config_lib.validate(_config(**overrides))
-  assert str(e.value).startswith(f"config field '{field}': 'gs://bucket/x' is a gs:// URL;"), str(e.value)
+    config_lib.validate(_config(**_overrides(field, url)))
+  takes = 'a local path or a gs:// URL' if field in urls.GS_FIELDS else 'a local path'
+  assert str(e.value) == f"config field {field!r}: {url!r} is a {url.split(':')[0]}:// URL; this takes {takes}"
   assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('field', urls.PATH_FIELDS)
+def test_gs_urls_only_where_a_bucket_is_read_or_written(field):
+  if field in urls.GS_FIELDS:
+    config_lib.validate(_config(**_overrides(field, 'gs://bucket/x')))
+    return
+  with pytest.raises(InputError) as e:
+    config_lib.validate(_config(**_overrides(field, 'gs://bucket/x')))
+  assert str(e.value).startswith(f"config field '{field}': 'gs://bucket/x' is a gs:// URL; this takes a local path "
+                                 '(copy it to local disk, or mount the bucket'), str(e.value)
 
 
 def test_mixture_entry_id_is_refused():
@@ -59,11 +78,11 @@ def test_mixture_entry_id_is_refused():
     mixture.parse_mixture({'datasets': [{'id': 'org/a'}, {'id': 's3://b/d.jsonl'}]})
 
 
-def test_export_refuses_urls_before_reading(tmp_path):
-  with pytest.raises(InputError, match=r"^--checkpoint: 'gs://b/run' is a gs:// URL"):
-    export.export_checkpoint('gs://b/run', str(tmp_path / 'hf'))
-  with pytest.raises(InputError, match=r"^--out: 'gs://b/hf' is a gs:// URL"):
-    export.export_checkpoint(str(tmp_path), 'gs://b/hf')
+def test_export_refuses_urls_it_cannot_open_before_reading(tmp_path):
+  with pytest.raises(InputError, match=r"^--checkpoint: 's3://b/run' is a s3:// URL; this takes a local path or a gs"):
+    export.export_checkpoint('s3://b/run', str(tmp_path / 'hf'))
+  with pytest.raises(InputError, match=r"^--out: 'hdfs://b/hf' is a hdfs:// URL"):
+    export.export_checkpoint(str(tmp_path), 'hdfs://b/hf')
 
 
 def _run(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
@@ -73,15 +92,15 @@ def _run(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize('module,args', [
-    ('jaxsft.train', ('--config', os.path.join(ROOT, 'configs/tiny.py'), '--config.output_dir=gs://bucket/run')),
+    ('jaxsft.train', ('--config', os.path.join(ROOT, 'configs/tiny.py'), '--config.dataset_name=gs://bucket/d.jsonl')),
     ('jaxsft.train', ('--config', os.path.join(ROOT, 'configs/tiny.py'), '--config.output_dir=hdfs://nn/run')),
-    ('jaxsft.export', ('--checkpoint', 'runs/none', '--out', 'gs://bucket/hf')),
+    ('jaxsft.export', ('--checkpoint', 'runs/none', '--out', 's3://bucket/hf')),
 ])
 def test_command_line_refuses_a_url_and_writes_nothing(tmp_path, module, args):
   """Through the real command line, in an empty working directory: one `error:` line, exit 2, no folder made."""
   proc = _run(module, *args, cwd=tmp_path)
   assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
   errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
-  assert len(errors) == 1 and 'URL; jaxsft reads and writes local paths only' in errors[0], proc.stderr[-2000:]
+  assert len(errors) == 1 and ' URL; this takes a local path' in errors[0], proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr
   assert os.listdir(tmp_path) == []

