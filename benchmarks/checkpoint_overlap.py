@@ -4,6 +4,7 @@ Usage (from the repository root):
 
   python benchmarks/checkpoint_overlap.py                     # the tiny default model (configs/tiny.py)
   python benchmarks/checkpoint_overlap.py --hidden-size 512 --layers 8 --intermediate-size 1536
+  python benchmarks/checkpoint_overlap.py --gcs-emulator      # + the same saves to a bucket (fake-gcs-server)
 
 The model is configs/tiny.py's Qwen2 architecture (optionally widened), random weights, float32, the
 trainer's own state (parameters + MultiSteps/AdamW state), train step and checkpoint manager; batches are
@@ -21,6 +22,7 @@ random tokens (what a step computes does not depend on what they say). Measured,
 """
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -40,12 +42,18 @@ def parse_args(argv=None):
   parser.add_argument('--hidden-size', type=int, default=None, help='widen the tiny model (default: as shipped)')
   parser.add_argument('--intermediate-size', type=int, default=None)
   parser.add_argument('--layers', type=int, default=None)
-  parser.add_argument('--workdir', default=None, help='where checkpoints are written (default: a temp dir)')
+  parser.add_argument('--workdir', default=None,
+                      help='where checkpoints are written, a local directory or gs:// URL (default: a temp dir)')
+  parser.add_argument('--gcs-emulator', action='store_true',
+                      help='also write them to a bucket on fake-gcs-server (127.0.0.1) and compare with local disk')
   return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
   args = parse_args(argv)
+  if args.gcs_emulator:  # Read on import by gcsfs and google-auth: set before anything imports them.
+    from tests.helpers import gcs  # pylint: disable=import-outside-toplevel
+    os.environ.update(gcs.IMPORT_TIME_ENV)
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -53,6 +61,7 @@ def main(argv=None) -> None:
   from jaxsft import checkpoint, sharding  # pylint: disable=import-outside-toplevel
   from jaxsft import state as state_lib  # pylint: disable=import-outside-toplevel
   from jaxsft import step as step_lib  # pylint: disable=import-outside-toplevel
+  from jaxsft import storage  # pylint: disable=import-outside-toplevel
   from jaxsft.models import hf_config  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
   import tiny  # pylint: disable=import-outside-toplevel
@@ -99,45 +108,76 @@ def main(argv=None) -> None:
     state, _ = train(args.steps, state)
     t_train = time.perf_counter() - t0
 
-    manager = checkpoint.Manager(os.path.join(work, 'sync'))
-    sync, checksums = [], []
-    for k in range(3):
+    def saves(work, state):
+      """The save figures of checkpoints written under `work` (a local directory or a gs:// URL)."""
+      manager = checkpoint.Manager(storage.join(work, 'sync'))
+      sync, checksums = [], []
+      for k in range(3):
+        t0 = time.perf_counter()
+        manager.save(k + 1, state, {'bench': True})
+        manager.wait()
+        sync.append(time.perf_counter() - t0)
+        checksums.append(manager.last_save['checksum_seconds'])
+      manager.close()
       t0 = time.perf_counter()
-      manager.save(k + 1, state, {'bench': True})
+      assert checkpoint.verify(storage.join(work, 'sync'), 3) is None
+      t_verify = time.perf_counter() - t0
+      size = storage.total_bytes(storage.join(work, 'sync', '3'))
+      manager = checkpoint.Manager(storage.join(work, 'async'))
+      t0 = time.perf_counter()
+      state, blocking = train(args.steps, state, manager, args.save_every, at=100)
       manager.wait()
-      sync.append(time.perf_counter() - t0)
-      checksums.append(manager.last_save['checksum_seconds'])
-    manager.close()
-    t0 = time.perf_counter()
-    assert checkpoint.verify(os.path.join(work, 'sync'), 3) is None
-    t_verify = time.perf_counter() - t0
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(work, 'sync', '3'))
-               for f in fs)
+      t_async = time.perf_counter() - t0
+      manager.close()
+      return state, {'sync': statistics.median(sync), 'n_sync': len(sync), 'blocking': blocking, 'async': t_async,
+                     'checksums': statistics.median(checksums), 'verify': t_verify, 'size': size}
 
-    manager = checkpoint.Manager(os.path.join(work, 'async'))
-    t0 = time.perf_counter()
-    state, blocking = train(args.steps, state, manager, args.save_every, at=100)
-    manager.wait()
-    t_async = time.perf_counter() - t0
-    manager.close()
+    state, figures = saves(work, state)
+    if args.gcs_emulator:
+      with _emulator() as uri:
+        state, remote = saves(uri, state)
   if not args.workdir:
     shutil.rmtree(work, ignore_errors=True)
 
-  saves = len(blocking)
-  sync_save = statistics.median(sync)
-  overhead = (t_async - t_train) / saves
   print(f'model: {num_params / 1e6:.2f}M parameters (hidden {model_cfg.hidden_size}, {model_cfg.num_layers} layers), '
-        f'checkpoint {size / 2**20:.1f} MiB; {args.steps} steps of {args.batch} × {args.length} tokens on '
+        f'checkpoint {figures["size"] / 2**20:.1f} MiB; {args.steps} steps of {args.batch} × {args.length} tokens on '
         f'{jax.device_count()} {jax.devices()[0].platform} device(s)')
   print(f'train, no saves           {t_train:8.3f} s  ({t_train / args.steps * 1e3:.1f} ms/step)')
-  print(f'sync save (save + wait)   {sync_save:8.3f} s  per checkpoint (median of {len(sync)})')
-  print(f'blocking part of a save   {statistics.median(blocking):8.3f} s  per checkpoint (median of {saves})')
-  print(f'train, async save every {args.save_every:<3d}{t_async:7.3f} s  ({saves} saves, last one waited for)')
+  _report(figures, t_train, args.save_every, 'local disk' if not storage.is_remote(work) else work)
+  if args.gcs_emulator:
+    _report(remote, t_train, args.save_every, 'gs:// (fake-gcs-server on 127.0.0.1)')
+    print(f'gs:// / local disk        sync save {remote["sync"] / figures["sync"]:.1f}×, blocking '
+          f'{statistics.median(remote["blocking"]) / statistics.median(figures["blocking"]):.1f}×, '
+          f'checksums {remote["checksums"] / figures["checksums"]:.1f}×, verify '
+          f'{remote["verify"] / figures["verify"]:.1f}×')
+
+
+def _report(figures: dict, t_train: float, every: int, where: str) -> None:
+  saves = len(figures['blocking'])
+  sync_save = figures['sync']
+  overhead = (figures['async'] - t_train) / saves
+  print(f'--- checkpoints on {where}')
+  print(f'sync save (save + wait)   {sync_save:8.3f} s  per checkpoint (median of {figures["n_sync"]})')
+  print(f'blocking part of a save   {statistics.median(figures["blocking"]):8.3f} s  per checkpoint (median of {saves})')
+  print(f'train, async save every {every:<3d}{figures["async"]:7.3f} s  ({saves} saves, last one waited for)')
   print(f'overhead per async save   {overhead:8.3f} s  = {overhead / sync_save:.0%} of a sync save; '
         f'hidden by training: {1 - overhead / sync_save:.0%}')
-  print(f'checksums, per save       {statistics.median(checksums):8.3f} s  = '
-        f'{statistics.median(checksums) / sync_save:.0%} of a sync save (in the background thread); '
-        f'verifying one before a restore: {t_verify:.3f} s')
+  print(f'checksums, per save       {figures["checksums"]:8.3f} s  = '
+        f'{figures["checksums"] / sync_save:.0%} of a sync save (in the background thread); '
+        f'verifying one before a restore: {figures["verify"]:.3f} s')
+
+
+@contextlib.contextmanager
+def _emulator():
+  """gs://BUCKET/bench on fake-gcs-server (the [test] extra's GCS protocol server, tests/helpers/gcs.py) on 127.0.0.1.
+
+  Its client variables are set in this process, before gcsfs and google-auth are imported (they read some on import).
+  """
+  from tests.helpers import gcs  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory(prefix='jaxsft-gcs-bench-') as directory:
+    with gcs.running(directory) as emulator:
+      os.environ.update(emulator.env)
+      yield emulator.uri('bench')
 
 
 if __name__ == '__main__':

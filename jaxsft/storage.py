@@ -192,6 +192,13 @@ def files_under(directory: str) -> list[str]:
   return sorted(posixpath.relpath(p, key) for p in _fs().find(key))
 
 
+def total_bytes(directory: str) -> int:
+  """The size of every file under `directory`."""
+  if is_remote(directory):
+    return int(_fs().du(_key(directory), total=True))
+  return sum(os.path.getsize(os.path.join(directory, n)) for n in files_under(directory))
+
+
 def put_dir(local_dir: str, path: str, *, commit: str | None = None) -> None:
   """Copies the local directory `local_dir` to `path` (a bucket prefix or a local directory), replacing it.
 

@@ -102,3 +102,39 @@ def test_missing_gcsfs_is_one_line(monkeypatch):
   monkeypatch.setattr(builtins, '__import__', no_gcsfs)
   with pytest.raises(InputError, match=r"gs:// paths need gcsfs: pip install 'jaxsft\[gcs\]'"):
     storage.exists('gs://b/x')
+
+
+def test_an_upload_cut_short_leaves_no_commit_file(gcs_emulator, tmp_path, monkeypatch):
+  """put_dir removes the commit file first and uploads it last: a copy that fails midway leaves a directory that
+  readers refuse (no config.json), never old and new files mixed."""
+  target = gcs_emulator.uri('hf')
+  old = tmp_path / 'old'
+  old.mkdir()
+  for name in ('config.json', 'model.safetensors', 'tokenizer.json'):
+    (old / name).write_text(f'old {name}')
+  storage.put_dir(str(old), target, commit='config.json')
+  assert storage.read_text(storage.join(target, 'config.json')) == 'old config.json'
+  new = tmp_path / 'new'
+  new.mkdir()
+  for name in ('config.json', 'model.safetensors', 'tokenizer.json'):
+    (new / name).write_text(f'new {name}')
+  fs = storage._fs()  # pylint: disable=protected-access
+  uploaded = []
+  real_put = fs.put_file
+
+  def put_then_fail(local, remote, *args, **kwargs):
+    if uploaded:
+      raise ConnectionError('lost the network')
+    uploaded.append(remote)
+    return real_put(local, remote, *args, **kwargs)
+
+  assert storage._fs() is fs  # pylint: disable=protected-access  (one instance per process: the patch applies)
+  with monkeypatch.context() as patch:
+    patch.setattr(fs, 'put_file', put_then_fail)
+    with pytest.raises(ConnectionError):
+      storage.put_dir(str(new), target, commit='config.json')
+  assert uploaded and not uploaded[0].endswith('config.json')
+  assert 'config.json' not in storage.listdir(target)
+  storage.put_dir(str(new), target, commit='config.json')
+  assert {n: storage.read_text(storage.join(target, n)) for n in storage.listdir(target)} == {
+      n: f'new {n}' for n in ('config.json', 'model.safetensors', 'tokenizer.json')}
