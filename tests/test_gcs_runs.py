@@ -179,3 +179,29 @@ def test_a_run_on_a_bucket_directory_held_by_another_host_is_refused(gcs_emulato
   assert storage.files_under(gcs_emulator.uri('run')) == ['.lock']
   assert storage.read_text(gcs_emulator.uri('run', '.lock')) == lock
   assert os.listdir(tmp_path / 'work') == []
+
+
+def test_a_save_cut_short_on_a_bucket_is_never_resumed_from(gcs_emulator):
+  """On a bucket Orbax writes STEP/ in place: a save killed before its commit leaves STEP/ without
+  commit_success.txt (and without checksums.json, written just before it). Such a step is not complete: the run
+  resumes from the one before, and the next manager removes it and saves that step anew."""
+  root = gcs_emulator.uri('run', checkpoint.CHECKPOINTS)
+  state = {'params': {'w': np.arange(8, dtype=np.float32)}}
+  manager = checkpoint.Manager(root, max_to_keep=3)
+  for step in (2, 4):
+    manager.save(step, state, {'step': step})
+    manager.wait()
+  manager.close()
+  fs = storage._fs()  # pylint: disable=protected-access
+  fs.copy(f'{gcs.BUCKET}/run/checkpoints/4', f'{gcs.BUCKET}/run/checkpoints/6', recursive=True)
+  for name in ('commit_success.txt', integrity.FILE):
+    storage.remove(f'{root}/6/{name}')
+  assert sorted(storage.listdir(root)) == ['2', '4', '6']
+  assert checkpoint._complete_steps(root) == [2, 4]  # pylint: disable=protected-access
+  assert checkpoint.newest_verified(root) == 4
+  manager = checkpoint.Manager(root, max_to_keep=3)
+  assert manager.steps() == [2, 4] and sorted(storage.listdir(root)) == ['2', '4']  # Removed on open.
+  manager.save(6, state, {'step': 6})
+  manager.close()
+  assert checkpoint._complete_steps(root) == [2, 4, 6]  # pylint: disable=protected-access
+  assert checkpoint.verify(root, 6) is None
