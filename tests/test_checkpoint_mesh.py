@@ -165,22 +165,10 @@ def _cluster(name: str, root, model_dir: str, data_file: str, out, sigterm_at_st
 
 
 def _start(commands: dict) -> dict:
-  return {name: subprocess.Popen(argv, cwd=runs.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 text=True) for name, (argv, env) in commands.items()}
+  return processes.start_all(commands, cwd=runs.ROOT)
 
 
-def _finish(procs: dict, timeout: int = 300) -> dict[str, tuple[int, str]]:
-  """name → (exit status, stderr) of processes started by _start; kills them all if one hangs."""
-  out = {}
-  try:
-    for name, proc in procs.items():
-      err = proc.communicate(timeout=timeout)[1]
-      out[name] = (proc.returncode, err)
-  finally:
-    for proc in procs.values():
-      if proc.poll() is None:
-        proc.kill()
-  return out
+_finish = processes.finish_all
 
 
 @pytest.fixture(scope='module')

@@ -50,19 +50,8 @@ def _cluster(name, root, model_dir, data_file, out, env, sigterm_at_step=0) -> d
   return commands
 
 
-def _run_all(commands: dict, cwd, timeout: int = 300) -> dict[str, tuple[int, str]]:
-  procs = {name: subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  text=True) for name, (argv, env) in commands.items()}
-  out = {}
-  try:
-    for name, proc in procs.items():
-      err = proc.communicate(timeout=timeout)[1]
-      out[name] = (proc.returncode, err)
-  finally:
-    for proc in procs.values():
-      if proc.poll() is None:
-        proc.kill()
-  return out
+def _run_all(commands: dict, cwd) -> dict[str, tuple[int, str]]:
+  return processes.finish_all(processes.start_all(commands, cwd=cwd))
 
 
 def _report(procs: dict) -> str:

@@ -12,23 +12,33 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_all(commands: dict, *, timeout: int = 240, cwd=None) -> dict[str, str]:
-  """Starts every `name: (argv, env)` at once, waits for all; returns name → stderr (stdout discarded when
-  stderr is separate). Fails naming each process that exited non-zero, with the end of its output; kills the
-  rest if one hangs."""
-  procs = {name: subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  text=True) for name, (argv, env) in commands.items()}
-  errs = {}
+def start_all(commands: dict, *, cwd=None) -> dict[str, subprocess.Popen]:
+  """Starts every `name: (argv, env)` at once (stdout discarded, stderr captured)."""
+  return {name: subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+          for name, (argv, env) in commands.items()}
+
+
+def finish_all(procs: dict, *, timeout: int = 300) -> dict[str, tuple[int, str]]:
+  """name → (exit status, stderr) of processes started by start_all; kills them all if one hangs."""
+  out = {}
   try:
     for name, proc in procs.items():
-      errs[name] = proc.communicate(timeout=timeout)[1]
+      err = proc.communicate(timeout=timeout)[1]
+      out[name] = (proc.returncode, err)
   finally:
     for proc in procs.values():
       if proc.poll() is None:
         proc.kill()
-  failed = [name for name, proc in procs.items() if proc.returncode != 0]
-  assert not failed, '\n'.join(f'--- {n} (exit {procs[n].returncode}):\n{errs.get(n, "")[-3000:]}' for n in procs)
-  return errs
+  return out
+
+
+def run_all(commands: dict, *, timeout: int = 240, cwd=None) -> dict[str, str]:
+  """Starts every `name: (argv, env)` at once, waits for all; returns name → stderr. Fails naming each process
+  that exited non-zero, with the end of its output; kills the rest if one hangs."""
+  done = finish_all(start_all(commands, cwd=cwd), timeout=timeout)
+  failed = [name for name, (status, _) in done.items() if status != 0]
+  assert not failed, '\n'.join(f'--- {n} (exit {status}):\n{err[-3000:]}' for n, (status, err) in done.items())
+  return {name: err for name, (_, err) in done.items()}
 
 
 def write_synthetic_jsonl(path, num_rows: int, seed: int) -> str:
