@@ -27,7 +27,7 @@ Options:
 
 Examples:
   scripts/tpu/launch.sh --name sft --zone us-east5-a --run qwen-sft -- --config configs/sft.py \
-      --config.model_name_or_path=Qwen/Qwen2.5-0.5B-Instruct --config.output_dir=runs/qwen-sft
+      --config.model_name_or_path=Qwen/Qwen2.5-0.5B-Instruct --config.output_dir=gs://BUCKET/runs/qwen-sft
   scripts/tpu/launch.sh --name sft --zone us-east5-a --env HF_TOKEN="$HF_TOKEN" --config configs/tiny.py
 USAGE
 }
