@@ -77,14 +77,14 @@ FIELDS = (
     F('model_init', 'pretrained', "'pretrained': load the weights; 'random': train from scratch."),
 
     # Data.
-    F('dataset_name', _STR, "Hub id, local file/dir, save_to_disk dir, or 'synthetic:...'.", SCRIPT_ARGUMENTS),
+    F('dataset_name', _STR, "Hub id, file/dir (local or gs://), save_to_disk dir, or 'synthetic:...'.", SCRIPT_ARGUMENTS),
     F('dataset_config', _STR, "The hub dataset's configuration name.", SCRIPT_ARGUMENTS),
     F('dataset_train_split', 'train', 'The training split.', SCRIPT_ARGUMENTS),
-    F('dataset_test_split', 'test', 'The eval split: a split name, or the path of an eval file (.jsonl / .json / '
-      '.parquet).', SCRIPT_ARGUMENTS),
+    F('dataset_test_split', 'test', 'The eval split: a split name, or the path (local or gs://) of an eval file '
+      '(.jsonl / .json / .parquet).', SCRIPT_ARGUMENTS),
     F('dataset_mixture', Placeholder(object), "open-r1's mixture: {'datasets': [{'id', 'config', 'split', "
       "'columns', 'weight'}, ...], 'seed', 'test_split_size'} (weight = the fraction of the dataset kept), or the "
-      'path of a YAML/JSON file with it.', OPEN_R1),
+      'path (local or gs://) of a YAML/JSON file with it; ids may be gs:// files or prefixes.', OPEN_R1),
     F('dataset_text_field', 'text', 'The column of plain-text rows.', SFT_CONFIG),
     F('max_length', 1024, 'Tokens per row; a longer example is truncated to it.', SFT_CONFIG),
     F('packing', False, "Best-fit-decreasing packing of whole conversations into max_length rows (TRL's bfd).",
@@ -110,7 +110,7 @@ FIELDS = (
     F('eos_token', _STR, "Overrides the tokenizer's eos (open-r1: '<|im_end|>').", SFT_CONFIG),
 
     # Optimisation.
-    F('output_dir', _STR, 'The run directory: config.json, metrics.jsonl, checkpoints/, hf/.', SFT_CONFIG,
+    F('output_dir', _STR, 'The run directory (local or gs://): config.json, metrics.jsonl, checkpoints/, hf/.', SFT_CONFIG,
       harmless=True),
     F('seed', 42, 'The seed of the random initialisation, the data order and the eval generations.', SFT_CONFIG),
     F('learning_rate', 2e-5, 'The peak learning rate.', SFT_CONFIG),

@@ -192,6 +192,28 @@ def files_under(directory: str) -> list[str]:
   return sorted(posixpath.relpath(p, key) for p in _fs().find(key))
 
 
+def objects(url: str) -> tuple[bool, dict[str, dict]]:
+  """A gs:// URL's objects with their metadata (gcsfs's info: size, generation, md5Hash, crc32c): (True, {base
+  name: info}) for one object, else (False, {name relative to the prefix: info}) for every object under it ({}
+  where there is none; console 'folder/' placeholders left out). Raises FileNotFoundError for neither."""
+  fs, key = _fs(), _key(url)
+  try:
+    info = fs.info(key)
+    if info.get('type') == 'file':
+      return True, {posixpath.basename(key): info}
+    found = fs.find(key, detail=True)
+  except FileNotFoundError:
+    found = {}
+  return False, {posixpath.relpath(name, key): info for name, info in found.items()
+                 if info.get('type') == 'file' and not name.endswith('/')}
+
+
+def download(url: str, local_path: str, *, generation: str | None = None) -> None:
+  """One streamed GET of the gs:// object `url` into `local_path`; with `generation`, of that generation only
+  (FileNotFoundError if the object was replaced or deleted since: never a mix of two)."""
+  _fs().get_file(_key(url), local_path, generation=generation)
+
+
 def total_bytes(directory: str) -> int:
   """The size of every file under `directory`."""
   if is_remote(directory):

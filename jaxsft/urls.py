@@ -15,11 +15,13 @@ from jaxsft.errors import InputError
 _URL_RE = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*)://')
 
 # The config fields that name a file or directory (None and '' are unset; a non-str, e.g. dataset_mixture's dict,
-# is no URL), and those of them that may be a gs:// URL (the run directory and what is read back from it).
+# is no URL), and those of them that may be a gs:// URL: the run directory and what is read back from it
+# (jaxsft/storage.py), and data files, prefixes and mixture files (copied locally by jaxsft/data/remote.py).
 PATH_FIELDS = ('model_name_or_path', 'tokenizer_name_or_path', 'dataset_name', 'dataset_test_split',
                'dataset_mixture', 'dataset_cache_dir', 'chat_template', 'output_dir', 'logging_dir',
                'resume_from_checkpoint')
-GS_FIELDS = ('output_dir', 'logging_dir', 'resume_from_checkpoint')
+GS_FIELDS = ('output_dir', 'logging_dir', 'resume_from_checkpoint', 'dataset_name', 'dataset_test_split',
+             'dataset_mixture')
 
 
 def scheme(value) -> str | None:

@@ -1,8 +1,9 @@
-"""URL paths that jaxsft cannot open (s3://, hdfs://, ...; gs:// outside the run-directory fields) are refused in one
-line naming the field, before anything is written.
+"""URL paths that jaxsft cannot open (s3://, hdfs://, ...; gs:// outside the run-directory and data fields) are
+refused in one line naming the field, before anything is written.
 
 Unchecked, `--config.output_dir=gs://bucket/run` trained into a local folder './gs:/bucket/run' (issue 17); gs://
-output directories now go through jaxsft/storage.py (tests/test_gcs_runs.py).
+output directories now go through jaxsft/storage.py (tests/test_gcs_runs.py), gs:// data through
+jaxsft/data/remote.py (tests/test_gcs_data.py).
 """
 
 import os
@@ -73,9 +74,11 @@ def test_gs_urls_only_where_a_bucket_is_read_or_written(field):
                                  '(copy it to local disk, or mount the bucket'), str(e.value)
 
 
-def test_mixture_entry_id_is_refused():
+def test_mixture_entry_id_is_refused_unless_gs():
   with pytest.raises(InputError, match=r"config field 'dataset_mixture.datasets\[1\].id': 's3://b/d.jsonl' is a s3://"):
     mixture.parse_mixture({'datasets': [{'id': 'org/a'}, {'id': 's3://b/d.jsonl'}]})
+  parsed = mixture.parse_mixture({'datasets': [{'id': 'org/a'}, {'id': 'gs://b/d.jsonl'}]})  # Read by data/remote.py.
+  assert parsed.datasets[1].id == 'gs://b/d.jsonl'
 
 
 def test_export_refuses_urls_it_cannot_open_before_reading(tmp_path):
@@ -92,7 +95,7 @@ def _run(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize('module,args', [
-    ('jaxsft.train', ('--config', os.path.join(ROOT, 'configs/tiny.py'), '--config.dataset_name=gs://bucket/d.jsonl')),
+    ('jaxsft.train', ('--config', os.path.join(ROOT, 'configs/tiny.py'), '--config.model_name_or_path=gs://bucket/m')),
     ('jaxsft.train', ('--config', os.path.join(ROOT, 'configs/tiny.py'), '--config.output_dir=hdfs://nn/run')),
     ('jaxsft.export', ('--checkpoint', 'runs/none', '--out', 's3://bucket/hf')),
 ])

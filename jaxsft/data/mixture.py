@@ -3,7 +3,8 @@
 open-r1's `get_dataset` loads each dataset, keeps `columns`, shuffles it with the mixture's `seed` and keeps the
 first `int(len × weight)` rows, concatenates the parts, shuffles again and, with `test_split_size`, splits off
 a test set with `train_test_split`. The index arithmetic of those `datasets` calls is reproduced here on lazy
-index views (`sources.Select` over `sources.Concat`), so building a mixture reads no rows.
+index views (`sources.Select` over `sources.Concat`), so building a mixture reads no rows. A dataset's `id` (and the
+mixture file) may be a gs:// URL (`jaxsft.data.remote`).
 """
 
 import dataclasses
@@ -14,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from jaxsft import storage
 from jaxsft import urls
+from jaxsft.data import remote
 from jaxsft.data.named import open_split
 from jaxsft.data.sources import Concat, Select, Source, select_columns
 from jaxsft.errors import InputError
@@ -44,7 +47,7 @@ class Mixture:
   test_split_size: float | int | None = None
 
 
-def load_mixture(spec: Any) -> dict[str, Source]:
+def load_mixture(spec: Any, remote_cache: remote.Cache | None = None) -> dict[str, Source]:
   """open-r1's `get_dataset` for a `dataset_mixture`: {'train': ..., 'test': ...} ('test' with test_split_size).
 
   Per dataset: load the split, keep `columns`, with a `weight` keep the first int(n × weight) rows of a
@@ -54,13 +57,14 @@ def load_mixture(spec: Any) -> dict[str, Source]:
   Only indices are computed: no row is read (JSON Lines files read their first row for the column names).
 
   `spec` is the mixture dict, or the path of a YAML/JSON file holding it (or holding an open-r1 recipe with a
-  `dataset_mixture` key), or such a YAML/JSON text.
+  `dataset_mixture` key), or such a YAML/JSON text. `remote_cache`: where gs:// datasets are copied (None: the default).
   """
   mixture = parse_mixture(spec)
   bases, columns = [], []
   for k, entry in enumerate(mixture.datasets):
     field = f'{_FIELD}.datasets[{k}]'
-    source = open_split(entry.id, entry.config, entry.split, name_field=f'{field}.id', split_field=f'{field}.split')
+    source = open_split(entry.id, entry.config, entry.split, name_field=f'{field}.id', split_field=f'{field}.split',
+                        remote_cache=remote_cache)
     available = source.column_names()
     if entry.columns is not None:
       missing = [c for c in entry.columns if c not in available]
@@ -139,7 +143,7 @@ def _parse_entry(entry: Any, field: str) -> MixtureEntry:
   name = entry.get('id')
   if not isinstance(name, str) or not name:
     raise InputError(f"config field '{field}.id': expected a dataset name or path, got {name!r}")
-  urls.refuse(name, f"config field '{field}.id'")
+  urls.refuse(name, f"config field '{field}.id'", gs=True)
   config = entry.get('config')
   if config is not None and not isinstance(config, str):
     raise InputError(f"config field '{field}.config': expected a string or null, got {config!r}")
@@ -183,6 +187,8 @@ def _read_mixture(spec: str) -> Any:
   """The mixture dict of a YAML/JSON file (or of an inline `{...}` text); an open-r1 recipe's dataset_mixture."""
   if spec.lstrip().startswith('{'):
     where, text = 'the inline mixture', spec
+  elif storage.is_remote(spec):
+    where, text = repr(spec), remote.read_text(spec, _FIELD, 'mixture file')
   else:
     where = repr(spec)
     try:

@@ -3,20 +3,25 @@
 * `synthetic:...`: generated in memory by `jaxsft.data.synthetic` (splits 'train' and 'test').
 * a local `.jsonl` / `.json` / `.parquet` file: its only split is 'train'.
 * a local directory: a `save_to_disk` directory, or the data files of the split (`jaxsft.data.paths`).
+* a gs:// file or prefix: the same, read through local copies (`jaxsft.data.remote`).
 * anything else: a hub id, `datasets.load_dataset(name, config, split=...)` (memory-mapped).
 """
 
 import os
 
+from jaxsft import storage
 from jaxsft.data import paths as paths_lib
+from jaxsft.data import remote
 from jaxsft.data import synthetic
 from jaxsft.data.sources import HubSplit, Source, open_files
 from jaxsft.errors import InputError
 from jaxsft.errors import one_line
 
 
-def open_split(name: str, config: str | None, split: str, *, name_field: str, split_field: str) -> Source:
-  """One split of a dataset named as `dataset_name` is (a mixture's `id`): synthetic, file, directory or hub."""
+def open_split(name: str, config: str | None, split: str, *, name_field: str, split_field: str,
+               remote_cache: remote.Cache | None = None) -> Source:
+  """One split of a dataset named as `dataset_name` is (a mixture's `id`): synthetic, file, directory or hub
+  (`remote_cache`: where gs:// objects are copied; None: the default data cache)."""
   if name.startswith('synthetic:'):
     splits = synthetic.load(name)
     source = {'train': splits.train, 'test': splits.eval}.get(split)
@@ -24,16 +29,19 @@ def open_split(name: str, config: str | None, split: str, *, name_field: str, sp
       raise InputError(f"config field '{split_field}': {name!r} has no split {split!r}")
     return source
   return open_named(name, config, split, name_field=name_field, split_field=split_field,
-                    all_if_unnamed=split == 'train')
+                    all_if_unnamed=split == 'train', remote_cache=remote_cache)
 
 
 def open_named(name: str, config: str | None, split: str, *, name_field: str, split_field: str,
-               all_if_unnamed: bool, hint: str = '') -> Source:
-  """Split `split` of a local file (its only split is 'train'), a local directory or a hub dataset.
+               all_if_unnamed: bool, hint: str = '', remote_cache: remote.Cache | None = None) -> Source:
+  """Split `split` of a file (its only split is 'train'), a directory (local or gs://) or a hub dataset.
 
   `all_if_unnamed`: a directory's files named for no split make this split (the train split's rule);
-  `hint` ends the message of a split that is not there.
+  `hint` ends the message of a split that is not there; `remote_cache`: as for `open_split`.
   """
+  if storage.is_remote(name):
+    return remote.open_named(name, split, name_field=name_field, split_field=split_field,
+                             all_if_unnamed=all_if_unnamed, hint=hint, cache=remote_cache)
   if os.path.isfile(name):
     if split != 'train':
       raise InputError(f"config field '{split_field}': {split!r} is not available: {name!r} is a single file "

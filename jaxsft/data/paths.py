@@ -9,6 +9,9 @@
 * `dataset_test_split` may be a split name or the path of an eval file (`/data/test.jsonl`): a value with a
   path separator or a data-file extension is a path (Hugging Face split names have neither).
 
+gs:// prefixes follow the same rules (`is_data_file`, `split_paths`, `file_split` on their object names), through
+`jaxsft.data.remote`.
+
 Nothing here builds a `Source`: `jaxsft.data.named` and `jaxsft.data.splits` do, from the paths and datasets
 returned here.
 """
@@ -22,7 +25,7 @@ from jaxsft.errors import one_line
 EXTENSIONS = ('.jsonl', '.json', '.parquet')
 KNOWN_SPLITS = ('train', 'training', 'test', 'testing', 'eval', 'evaluation', 'validation', 'valid', 'val', 'dev')
 DATASET, DATASET_DICT = 'Dataset', 'DatasetDict'  # The kinds of `save_to_disk` directories.
-_MARKERS = (('dataset_dict.json', DATASET_DICT), ('state.json', DATASET))
+MARKERS = (('dataset_dict.json', DATASET_DICT), ('state.json', DATASET))  # (file name, kind), checked in order.
 
 
 def looks_like_path(name: str) -> bool:
@@ -50,7 +53,7 @@ def split_file(value: str, field: str) -> str:
 
 def saved_kind(directory: str) -> str | None:
   """'DatasetDict' or 'Dataset' for a `save_to_disk` directory (by its marker file), else None."""
-  for marker, kind in _MARKERS:
+  for marker, kind in MARKERS:
     if os.path.isfile(os.path.join(directory, marker)):
       return kind
   return None
@@ -105,11 +108,15 @@ def _saved_split_names(directory: str) -> list[str] | None:
   return list(names) if isinstance(names, list) else None
 
 
+def is_data_file(name: str) -> bool:
+  """Whether a file of a dataset directory (by its base name) is a data file: .jsonl / .json / .parquet, not hidden."""
+  return name.lower().endswith(EXTENSIONS) and not name.startswith('.')
+
+
 def data_files(directory: str, field: str) -> list[str]:
   """The data files under `directory`, relative to it, sorted (hidden files left out)."""
   files = sorted(os.path.relpath(os.path.join(root, name), directory)
-                 for root, _, names in os.walk(directory) for name in names
-                 if name.lower().endswith(EXTENSIONS) and not name.startswith('.'))
+                 for root, _, names in os.walk(directory) for name in names if is_data_file(name))
   if not files:
     raise InputError(f"config field '{field}': the directory {directory!r} holds no .jsonl, .json or "
                      '.parquet files')

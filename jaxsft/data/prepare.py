@@ -14,6 +14,7 @@ from jaxsft.data import buckets
 from jaxsft.data import formats
 from jaxsft.data import index as index_lib
 from jaxsft.data import pipeline
+from jaxsft.data import remote
 from jaxsft.data import splits as splits_lib
 from jaxsft.errors import InputError
 
@@ -115,7 +116,8 @@ def prepare(config: config_dict.ConfigDict, tokenizer, *, micro_batch_size: int,
   splits = splits_lib.load_splits(dataset_name=config.dataset_name, dataset_config=config.dataset_config,
                                   dataset_train_split=config.dataset_train_split,
                                   dataset_test_split=config.dataset_test_split,
-                                  dataset_mixture=config.dataset_mixture, need_eval=need_eval)
+                                  dataset_mixture=config.dataset_mixture, need_eval=need_eval,
+                                  remote_cache=remote.cache_under(config_lib.cache_dir(config), log))
   options, method = _options(config, splits.train, tokenizer)
   pad_id = tokenizer.pad_token_id
 

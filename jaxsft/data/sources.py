@@ -1,6 +1,7 @@
 """Where the rows come from: lazy, random-access, picklable dataset splits (`Source`s).
 
-* `JsonLinesFile`, `JsonFile`, `ParquetFile` (`open_files` picks one by extension): local data files.
+* `JsonLinesFile`, `JsonFile`, `ParquetFile` (`open_files` picks one by extension): local data files, or local
+  copies of gs:// objects (`Copy`: messages and the fingerprint name the object, jaxsft/data/remote.py).
 * `HubSplit`: a `datasets.Dataset`, memory-mapped (a hub dataset's split or a `save_to_disk` directory).
 * `RowList`: rows in memory (synthetic data, tests); `Concat`, `Select`, `Columns`: views over other sources.
 
@@ -19,7 +20,7 @@ import json
 import operator
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -103,20 +104,31 @@ class Source(abc.ABC):
     return index
 
 
-def _file_fingerprint(kind: str, path: str, stamp: tuple[int, int], *extra) -> str:
+@dataclasses.dataclass(frozen=True)
+class Copy:
+  """The gs:// object a local file copies (jaxsft/data/remote.py): messages name `url`; the fingerprint is (`url`,
+  `version`: size and checksums), not the copy's path and time, so it is the same on every host and every download."""
+  url: str
+  version: str
+
+
+def _file_fingerprint(kind: str, path: str, stamp: tuple[int, int], *extra, copy: Copy | None = None) -> str:
+  if copy is not None:
+    return _digest(kind, 'copy', copy.url, copy.version, *extra)
   return _digest(kind, os.path.abspath(path), *stamp, *extra)
 
 
 class JsonLinesFile(Source):
   """A JSON Lines file, indexed by byte offset; rows are read with `os.pread` and parsed on access."""
 
-  def __init__(self, path: str, field: str = 'dataset_name'):
-    self.path = self.name = path
+  def __init__(self, path: str, field: str = 'dataset_name', copy: Copy | None = None):
+    self.path, self.copy = path, copy
+    self.name = copy.url if copy else path
     self._stamp = handles.stamp(path, field)
     try:
       self.offsets, self.lengths, self.lines = _index_lines(path, self._stamp[0])
     except OSError as e:
-      raise InputError(f"config field '{field}': cannot read {path!r} ({e.strerror})") from None
+      raise InputError(f"config field '{field}': cannot read {self.name!r} ({e.strerror})") from None
     self._fd = handles.PerProcessHandle(path, self._stamp)
 
   def __len__(self) -> int:
@@ -126,7 +138,7 @@ class JsonLinesFile(Source):
     return index + 1 if self.lines is None else int(self.lines[index])
 
   def _origin(self, index: int) -> str:
-    return f'{self.path} line {self.line(index)}'
+    return f'{self.name} line {self.line(index)}'
 
   def _row(self, index: int) -> dict:
     fd = self._fd.get(lambda path: os.open(path, os.O_RDONLY))
@@ -135,17 +147,17 @@ class JsonLinesFile(Source):
     try:
       text = raw.decode('utf-8-sig' if line == 1 else 'utf-8')
     except UnicodeDecodeError as e:
-      raise InputError(f'{self.path} line {line}: not UTF-8 text ({e})') from None
+      raise InputError(f'{self.name} line {line}: not UTF-8 text ({e})') from None
     try:
       row = json.loads(text)
     except json.JSONDecodeError as e:
-      raise InputError(f'{self.path} line {line}: malformed JSON ({e})') from None
+      raise InputError(f'{self.name} line {line}: malformed JSON ({e})') from None
     if not isinstance(row, dict):
-      raise InputError(f'{self.path} line {line}: expected a JSON object, got {_json_type(row)}')
+      raise InputError(f'{self.name} line {line}: expected a JSON object, got {_json_type(row)}')
     return row
 
   def fingerprint(self) -> str:
-    return _file_fingerprint('jsonl', self.path, self._stamp)
+    return _file_fingerprint('jsonl', self.path, self._stamp, copy=self.copy)
 
 
 def _index_lines(path: str, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -183,15 +195,16 @@ def _index_lines(path: str, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
 class JsonFile(Source):
   """A JSON file read whole: an array of objects (`item I`), `{"data": [...]}`, or one object (`line 1`)."""
 
-  def __init__(self, path: str, rows: list, unit: str, stamp: tuple[int, int]):
-    self.path = self.name = path
+  def __init__(self, path: str, rows: list, unit: str, stamp: tuple[int, int], copy: Copy | None = None):
+    self.path, self.copy = path, copy
+    self.name = copy.url if copy else path
     self.rows, self.unit, self._stamp = rows, unit, stamp
 
   def __len__(self) -> int:
     return len(self.rows)
 
   def _origin(self, index: int) -> str:
-    return f'{self.path} {self.unit} {index if self.unit == "item" else index + 1}'
+    return f'{self.name} {self.unit} {index if self.unit == "item" else index + 1}'
 
   def _row(self, index: int) -> dict:
     row = self.rows[index]
@@ -200,36 +213,37 @@ class JsonFile(Source):
     return row
 
   def fingerprint(self) -> str:
-    return _file_fingerprint('json', self.path, self._stamp)
+    return _file_fingerprint('json', self.path, self._stamp, copy=self.copy)
 
 
-def _open_json(path: str, field: str) -> Source:
+def _open_json(path: str, field: str, copy: Copy | None = None) -> Source:
   """A .json file: JSON Lines under a .json name are indexed lazily, anything else is read whole."""
   stamp = handles.stamp(path, field)
+  shown = copy.url if copy else path
   if _is_json_lines(path):
-    return JsonLinesFile(path, field)
+    return JsonLinesFile(path, field, copy)
   try:
     with open(path, encoding='utf-8-sig') as f:
       text = f.read()
   except UnicodeDecodeError as e:
-    raise InputError(f'{path}: not UTF-8 text ({e})') from None
+    raise InputError(f'{shown}: not UTF-8 text ({e})') from None
   except OSError as e:
-    raise InputError(f"config field '{field}': cannot read {path!r} ({e.strerror})") from None
+    raise InputError(f"config field '{field}': cannot read {shown!r} ({e.strerror})") from None
   try:
     value = json.loads(text)
   except json.JSONDecodeError as e:
     if e.msg == 'Extra data':  # One value per line.
-      return JsonLinesFile(path, field)
-    raise InputError(f'{path} line {e.lineno}: malformed JSON ({e})') from None
+      return JsonLinesFile(path, field, copy)
+    raise InputError(f'{shown} line {e.lineno}: malformed JSON ({e})') from None
   if isinstance(value, dict):
     lists = [v for v in value.values() if isinstance(v, list)]
     if len(lists) == 1 and all(isinstance(v, list) for v in value.values()):
       value = lists[0]
     else:
-      return JsonFile(path, [value], 'line', stamp)  # A single object: one row (JSON Lines with one line).
+      return JsonFile(path, [value], 'line', stamp, copy)  # A single object: one row (JSON Lines with one line).
   if not isinstance(value, list):
-    raise InputError(f'{path}: expected a JSON array of objects, got {_json_type(value)}')
-  return JsonFile(path, value, 'item', stamp)
+    raise InputError(f'{shown}: expected a JSON array of objects, got {_json_type(value)}')
+  return JsonFile(path, value, 'item', stamp, copy)
 
 
 def _is_json_lines(path: str) -> bool:
@@ -253,10 +267,12 @@ def _is_json_lines(path: str) -> bool:
 class ParquetFile(Source):
   """A parquet file, memory-mapped and opened per process; one row group decoded (and cached) at a time."""
 
-  def __init__(self, path: str, field: str = 'dataset_name', columns: Sequence[str] | None = None):
-    self.path = self.name = path
+  def __init__(self, path: str, field: str = 'dataset_name', columns: Sequence[str] | None = None,
+               copy: Copy | None = None):
+    self.path, self.copy = path, copy
+    self.name = copy.url if copy else path
     self._stamp = handles.stamp(path, field)
-    file = _open_parquet(path)
+    file = _open_parquet(path, self.name)
     meta = file.metadata
     self._ends = np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)], dtype=np.int64)
     self._all_columns = list(file.schema_arrow.names)
@@ -272,7 +288,7 @@ class ParquetFile(Source):
     return int(self._ends[-1]) if len(self._ends) else 0
 
   def _origin(self, index: int) -> str:
-    return f'{self.path} row {index}'
+    return f'{self.name} row {index}'
 
   def _row(self, index: int) -> dict:
     group = int(np.searchsorted(self._ends, index, side='right'))
@@ -285,7 +301,7 @@ class ParquetFile(Source):
         cache = self._cache  # Another thread may have decoded this row group meanwhile.
         if cache is None or cache[0] != group:
           try:
-            table = self._file.get(_open_parquet).read_row_group(group, columns=self.columns)
+            table = self._file.get(lambda p: _open_parquet(p, self.name)).read_row_group(group, columns=self.columns)
           except (OSError, ValueError) as e:
             raise InputError(f"{self._origin(index)}: cannot read parquet ({one_line(e, 200)})"
                              ) from None
@@ -296,15 +312,15 @@ class ParquetFile(Source):
     return list(self.columns) if self.columns is not None else list(self._all_columns)
 
   def fingerprint(self) -> str:
-    return _file_fingerprint('parquet', self.path, self._stamp, self.columns)
+    return _file_fingerprint('parquet', self.path, self._stamp, self.columns, copy=self.copy)
 
 
-def _open_parquet(path: str):
+def _open_parquet(path: str, shown: str):
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   try:
     return pq.ParquetFile(path, memory_map=True)
   except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError.
-    raise InputError(f"{path}: cannot read parquet ({one_line(e, 200)})") from None
+    raise InputError(f"{shown}: cannot read parquet ({one_line(e, 200)})") from None
 
 
 class HubSplit(Source):
@@ -444,7 +460,7 @@ class Columns(Source):
 def select_columns(source: Source, columns: Sequence[str]) -> Source:
   """`source` with only `columns` (read natively where the format allows: parquet, hub datasets)."""
   if isinstance(source, ParquetFile):
-    return ParquetFile(source.path, columns=columns)
+    return ParquetFile(source.path, columns=columns, copy=source.copy)
   if isinstance(source, HubSplit):
     return HubSplit(source.dataset.select_columns(list(columns)), source.dataset_name, source.config, source.split,
                     source.stamp)
@@ -453,20 +469,24 @@ def select_columns(source: Source, columns: Sequence[str]) -> Source:
   return Columns(source, columns)
 
 
-def open_files(paths: Sequence[str], *, name: str | None = None, field: str = 'dataset_name') -> Source:
-  """Local JSON Lines / JSON / parquet files, concatenated. Raises InputError if unreadable or all empty."""
+def open_files(paths: Sequence[str], *, name: str | None = None, field: str = 'dataset_name',
+               copies: Mapping[str, Copy] | None = None) -> Source:
+  """Local JSON Lines / JSON / parquet files (`copies`: those that copy a gs:// object), concatenated. Raises
+  InputError if unreadable or all empty."""
+  copies = copies or {}
   parts = []
   for path in paths:
-    lower = path.lower()
+    lower, copy = path.lower(), copies.get(path)
     if lower.endswith('.jsonl'):
-      parts.append(JsonLinesFile(path, field))
+      parts.append(JsonLinesFile(path, field, copy))
     elif lower.endswith('.json'):
-      parts.append(_open_json(path, field))
+      parts.append(_open_json(path, field, copy))
     else:
-      parts.append(ParquetFile(path, field))
+      parts.append(ParquetFile(path, field, copy=copy))
   parts = [p for p in parts if len(p)]
   if not parts:
-    raise InputError(f"config field '{field}': {', '.join(paths)}: the dataset is empty (0 rows)")
+    shown = [copies[p].url if p in copies else p for p in paths]
+    raise InputError(f"config field '{field}': {', '.join(shown)}: the dataset is empty (0 rows)")
   return parts[0] if len(parts) == 1 else Concat(parts, name or ', '.join(paths))
 
 
