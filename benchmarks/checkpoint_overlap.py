@@ -78,7 +78,7 @@ def main(argv=None) -> None:
   model_cfg = state_lib.model_config(config, hf_cfg)
   mesh = sharding.make_mesh(config.mesh)
   tx, _ = state_lib.make_optimizer(config, total_steps=10 * args.steps)
-  state, shardings, graphdef = state_lib.init(config, config.model_name_or_path, model_cfg, tx, mesh)
+  state, shardings, graphdef, _ = state_lib.init(config, config.model_name_or_path, model_cfg, tx, mesh)
   num_params = sum(x.size for x in jax.tree.leaves(state['params']))
   rng = np.random.default_rng(0)
   local = {'input_ids': rng.integers(0, model_cfg.vocab_size, (args.batch, args.length), dtype=np.int32),

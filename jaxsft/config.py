@@ -17,6 +17,7 @@ import os
 from ml_collections import config_dict
 
 from jaxsft import fields
+from jaxsft import peft_config
 from jaxsft import storage
 from jaxsft import urls
 from jaxsft.errors import InputError
@@ -127,6 +128,14 @@ def validate(config: config_dict.ConfigDict) -> None:
   for axis in fields.MESH_AXES:
     if config.mesh[axis] == 0 or config.mesh[axis] < -1:
       raise InputError(f"config field 'mesh.{axis}' must be positive or -1, got {config.mesh[axis]}")
+  lora = peft_config.settings(config)
+  if lora is not None:
+    if config.adapter_name_or_path:
+      peft_config.check_adapter_dir(os.path.expanduser(config.adapter_name_or_path), lora)
+    tiled = [t for t in lora.targets if t in ('gate_proj', 'up_proj', 'down_proj')]
+    if config.model.mlp_chunk_size and tiled:
+      raise InputError(f"config field 'model.mlp_chunk_size': the tiled MLP does not apply LoRA adapters "
+                       f"({', '.join(tiled)} in lora_target_modules); set model.mlp_chunk_size=0")
 
 
 def _is_local_path(name: str) -> bool:

@@ -81,6 +81,7 @@ def lower_step(config, hf_cfg: dict, devices, *, target=None):
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jaxsft import config as config_lib  # pylint: disable=import-outside-toplevel
   from jaxsft import metrics  # pylint: disable=import-outside-toplevel
+  from jaxsft import peft_config  # pylint: disable=import-outside-toplevel
   from jaxsft import sharding  # pylint: disable=import-outside-toplevel
   from jaxsft import state as state_lib  # pylint: disable=import-outside-toplevel
   from jaxsft import step as step_lib  # pylint: disable=import-outside-toplevel
@@ -93,26 +94,32 @@ def lower_step(config, hf_cfg: dict, devices, *, target=None):
   model_cfg = state_lib.model_config(config, hf_cfg)
   mesh = sharding.make_mesh(config.mesh, devices=list(devices))
   tx, _ = state_lib.make_optimizer(config, total_steps=1000)  # The step count only shapes the schedule.
-  graphdef, state, shardings = state_lib.abstract(model_cfg, tx, mesh, warn=print)
+  lora = peft_config.settings(config)
+  state, shardings, graphdef, frozen = state_lib.abstract(model_cfg, tx, mesh, lora=lora, warn=print)
   rows = per_device * num_chips
   batch = {key: jax.ShapeDtypeStruct((rows, config.max_length), jnp.int32, sharding=sharding.batch_sharding(mesh))
            for key in packing.BATCH_KEYS}
   inv = jax.ShapeDtypeStruct((), jnp.float32)
   step = step_lib.TrainStep(graphdef, tx, config.model.loss_chunk_size, state_shardings=shardings,
-                            attention_windows=metrics.layer_windows(model_cfg))
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state['params']))
+                            attention_windows=metrics.layer_windows(model_cfg), frozen=frozen)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves((state['params'], frozen)))
+  trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state['params']))
+  what = '' if lora is None else (f', LoRA r={lora.r} on {",".join(lora.targets)}: {trained / 1e6:.2f}M trained '
+                                  f'({trained / num_params:.2%})')
   tokens = accumulation * rows * config.max_length
   report = {
       'target': target, 'num_chips': num_chips, 'platform': devices[0].platform, 'device_kind': devices[0].device_kind,
-      'model': f'{hf_cfg.get("model_type")} with {num_params / 1e9:.3f}B parameters',
+      'model': f'{hf_cfg.get("model_type")} with {num_params / 1e9:.3f}B parameters{what}',
       'mesh': dict(mesh.shape), 'per_device': per_device, 'accumulation': accumulation, 'rows': rows,
       'max_length': config.max_length, 'remat': model_cfg.remat, 'compute_dtype': model_cfg.dtype,
       'length_buckets': config.length_buckets,
       'widths': buckets.row_widths(config, packed=config.packing or config.padding_free),
+      'frozen_base': sharding.bytes_per_device(frozen) if lora is not None else None,
       'parameters': sharding.bytes_per_device(state['params']),
       'optimizer_state': sharding.bytes_per_device(state['opt_state']),
       'hbm': target.hbm_bytes if target is not None else None,
-      'flops_per_step': metrics.train_flops_per_token(model_cfg, config.max_length) * tokens,
+      'flops_per_step': metrics.train_flops_per_token(model_cfg, config.max_length,
+                                                      adapter_params=None if lora is None else trained) * tokens,
       'peak_flops_per_chip': metrics.peak_flops_per_device(devices[0]),
   }
   t0 = time.perf_counter()
@@ -164,7 +171,7 @@ def compile_step(config, hf_cfg: dict, devices, *, target=None, keep: bool = Fal
   return report
 
 
-TABLE = ('parameters', 'optimizer_state', 'step_arguments', 'step_outputs', 'step_outputs_aliased',
+TABLE = ('frozen_base', 'parameters', 'optimizer_state', 'step_arguments', 'step_outputs', 'step_outputs_aliased',
          'resident_state', 'step_temporaries', 'peak', 'hbm')
 
 

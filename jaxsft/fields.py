@@ -77,7 +77,8 @@ FIELDS = (
     F('model_init', 'pretrained', "'pretrained': load the weights; 'random': train from scratch."),
 
     # Data.
-    F('dataset_name', _STR, "Hub id, file/dir (local or gs://), save_to_disk dir, or 'synthetic:...'.", SCRIPT_ARGUMENTS),
+    F('dataset_name', _STR, "Hub id, file/dir (local or gs://), save_to_disk dir, or 'synthetic:...'.",
+      SCRIPT_ARGUMENTS),
     F('dataset_config', _STR, "The hub dataset's configuration name.", SCRIPT_ARGUMENTS),
     F('dataset_train_split', 'train', 'The training split.', SCRIPT_ARGUMENTS),
     F('dataset_test_split', 'test', 'The eval split: a split name, or the path (local or gs://) of an eval file '
@@ -110,8 +111,8 @@ FIELDS = (
     F('eos_token', _STR, "Overrides the tokenizer's eos (open-r1: '<|im_end|>').", SFT_CONFIG),
 
     # Optimisation.
-    F('output_dir', _STR, 'The run directory (local or gs://): config.json, metrics.jsonl, checkpoints/, hf/.', SFT_CONFIG,
-      harmless=True),
+    F('output_dir', _STR, 'The run directory (local or gs://): config.json, metrics.jsonl, checkpoints/, hf/.',
+      SFT_CONFIG, harmless=True),
     F('seed', 42, 'The seed of the random initialisation, the data order and the eval generations.', SFT_CONFIG),
     F('learning_rate', 2e-5, 'The peak learning rate.', SFT_CONFIG),
     F('lr_scheduler_type', 'linear', f'The schedule: {" | ".join(SCHEDULES)}.', SFT_CONFIG),
@@ -157,6 +158,24 @@ FIELDS = (
     F('wandb_project', _STR, "open-r1's name; None: $WANDB_PROJECT or 'jaxsft'.", OPEN_R1, harmless=True),
     F('wandb_entity', _STR, "The W&B entity (open-r1's name).", OPEN_R1, harmless=True),
     F('wandb_run_group', _STR, "The W&B run group (open-r1's name).", OPEN_R1, harmless=True),
+
+    # LoRA (TRL's ModelConfig names and defaults; jaxsft/peft_config.py, jaxsft/models/lora.py).
+    F('use_peft', False, 'Train LoRA adapters on a frozen base instead of every weight; writes OUTPUT_DIR/adapter '
+      '(PEFT format) beside the merged OUTPUT_DIR/hf.', MODEL_CONFIG),
+    F('lora_r', 16, "The adapters' rank.", MODEL_CONFIG),
+    F('lora_alpha', 32.0, 'The adapters are scaled by lora_alpha / lora_r (/ sqrt(lora_r) with use_rslora).',
+      MODEL_CONFIG),
+    F('lora_dropout', 0.05, "Dropout on the adapters' input (PEFT's), training only.", MODEL_CONFIG),
+    F('lora_target_modules', _STR, "'all-linear' (every projection but lm_head) or module names, e.g. "
+      "'q_proj,v_proj'; None: PEFT's default, q_proj,v_proj.", MODEL_CONFIG),
+    F('lora_modules_to_save', _STR, 'Whole modules trained beside the adapters: not implemented (an error).',
+      MODEL_CONFIG),
+    F('use_rslora', False, 'rsLoRA: scale by lora_alpha / sqrt(lora_r).', MODEL_CONFIG),
+    F('use_dora', False, 'DoRA: not implemented (an error).', MODEL_CONFIG),
+    F('load_in_4bit', False, 'QLoRA with a 4-bit base: not implemented (an error).', MODEL_CONFIG),
+    F('load_in_8bit', False, 'QLoRA with an 8-bit base: not implemented (an error).', MODEL_CONFIG),
+    F('adapter_name_or_path', _STR, 'A PEFT LoRA adapter directory to start from (its r, alpha and targets must '
+      'equal the lora_* fields); None: fresh adapters (PEFT init: A Kaiming-uniform, B zero).'),
 
     # Checkpoints (OUTPUT_DIR/checkpoints/STEP, Orbax, asynchronous) and the Hugging Face export (OUTPUT_DIR/hf).
     F('save_steps', 500.0, 'Steps between checkpoints; a value below 1 is a fraction of the total steps '

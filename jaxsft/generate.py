@@ -1,11 +1,12 @@
 """`python -m jaxsft.generate`: answers prompts with a Hugging Face model directory (say, a run's OUTPUT_DIR/hf).
 
-python -m jaxsft.generate --model OUTPUT_DIR/hf --prompt "..." [--prompt ...] [--system TEXT]
+python -m jaxsft.generate --model OUTPUT_DIR/hf --prompt "..." [--prompt ...] [--system TEXT] [--adapter DIR]
 [--max_new_tokens 512] [--temperature T] [--top_p P] [--seed 0] [--raw] [--dtype auto] [--json]
 loads the Hugging Face directory sharded over all local devices (fsdp), applies the tokenizer's chat
 template with the generation prompt (--raw: the prompt is plain text), decodes the prompts as one batch with
 the KV-cache sampler (`jaxsft.sampler`), and prints each answer. The end-of-sequence ids are the tokenizer's
 plus generation_config.json's; sampling defaults to that file's when it sets do_sample=true, else greedy.
+`--adapter DIR` applies a PEFT LoRA adapter (a LoRA run's OUTPUT_DIR/adapter) to --model, its base model.
 """
 
 import json
@@ -17,6 +18,7 @@ import jax
 from flax import nnx
 
 from jaxsft import cli
+from jaxsft import peft_config
 from jaxsft import sampler
 from jaxsft import sharding
 from jaxsft import tokenizer as tokenizer_lib
@@ -34,13 +36,16 @@ def default_sampling(generation: dict) -> tuple[float, float]:
   return 1.0 if temperature is None else float(temperature), 1.0 if top_p is None else float(top_p)
 
 
-def load_model(model_dir: str, *, dtype: str = 'auto', mesh=None):
+def load_model(model_dir: str, *, dtype: str = 'auto', mesh=None, adapter: str | None = None):
   """(model, tokenizer, generation config dict) of a Hugging Face directory, parameters sharded on `mesh`.
 
   `dtype` 'auto' computes in config.json's dtype (float32 if it names none); parameters are stored in it too.
+  `adapter`: a PEFT LoRA directory (a run's OUTPUT_DIR/adapter) applied to the model, merged into its weights.
   """
   from jaxsft.models import hf  # pylint: disable=import-outside-toplevel
   urls.refuse(model_dir, '--model')
+  urls.refuse(adapter, '--adapter')
+  lora = None if adapter is None else peft_config.adapter_settings(adapter)
   if not os.path.isdir(model_dir):
     raise InputError(f'--model: no such directory {model_dir!r}')
   if not os.path.isfile(os.path.join(model_dir, 'config.json')):
@@ -55,6 +60,11 @@ def load_model(model_dir: str, *, dtype: str = 'auto', mesh=None):
   if mesh is not None:
     shardings = sharding.param_shardings(nnx.state(hf.abstract_model(cfg), nnx.Param), mesh)
   model = hf.load_pretrained(model_dir, cfg, shardings=shardings)
+  if lora is not None:
+    from jaxsft.models import lora as lora_lib  # pylint: disable=import-outside-toplevel
+    from jaxsft.models import peft_io  # pylint: disable=import-outside-toplevel
+    peft_io.attach_from_dir(model, lora, adapter, field='--adapter')
+    lora_lib.merge(model)  # W + scaling·A·B once, then decoding costs what the base model's does.
   tokenizer = tokenizer_lib.from_pretrained(model_dir, '--model')
   return model, tokenizer, tokenizer_lib.read_generation_config(model_dir)
 
@@ -71,7 +81,7 @@ def encode_prompt(tokenizer, text: str, *, system: str | None, raw: bool) -> lis
 
 def run_cli(model_dir: str, prompts: list[str], *, system: str | None, max_new_tokens: int,
             temperature: float | None, top_p: float | None, seed: int, raw: bool, dtype: str,
-            as_json: bool) -> None:
+            as_json: bool, adapter: str | None = None) -> None:
   """What `python -m jaxsft.generate` does (flags checked); raises InputError for bad input."""
   if not prompts:
     raise InputError('--prompt is required (repeat it for several prompts)')
@@ -83,7 +93,7 @@ def run_cli(model_dir: str, prompts: list[str], *, system: str | None, max_new_t
   sampler.sampling_mode(1.0 if temperature is None else temperature, 1.0 if top_p is None else top_p)
   t0 = time.perf_counter()
   mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1})
-  model, tokenizer, generation = load_model(model_dir, dtype=dtype, mesh=mesh)
+  model, tokenizer, generation = load_model(model_dir, dtype=dtype, mesh=mesh, adapter=adapter)
   default_temperature, default_top_p = default_sampling(generation)
   temperature = default_temperature if temperature is None else temperature
   top_p = default_top_p if top_p is None else top_p
@@ -115,7 +125,7 @@ def main(argv):
   try:
     run_cli(_MODEL.value, list(_PROMPT.value or []), system=_SYSTEM.value, max_new_tokens=_MAX_NEW_TOKENS.value,
             temperature=_TEMPERATURE.value, top_p=_TOP_P.value, seed=_SEED.value, raw=_RAW.value, dtype=_DTYPE.value,
-            as_json=_JSON.value)
+            as_json=_JSON.value, adapter=_ADAPTER.value)
   except InputError as e:
     cli.fail(str(e))
 
@@ -139,5 +149,7 @@ if __name__ == '__main__':
   _RAW = flags.DEFINE_bool('raw', False, 'Use the prompt as plain text (no chat template).')
   _DTYPE = flags.DEFINE_enum('dtype', 'auto', ['auto', 'float32', 'bfloat16'],
                              "Compute and weight dtype; auto = config.json's dtype (float32 if none).")
+  _ADAPTER = flags.DEFINE_string('adapter', None, 'A PEFT LoRA adapter directory (a LoRA run writes OUTPUT_DIR/'
+                                 'adapter) applied to --model, its base model.')
   _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object per prompt: prompt, generated ids, text.')
   app.run(main, flags_parser=cli.parse_flags)

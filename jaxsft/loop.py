@@ -69,7 +69,7 @@ class Run:
     return self.step % self.geometry.steps_per_epoch == 0 or self.step == self.geometry.total_steps
 
   def model(self):
-    return nnx.merge(self.step_fn.graphdef, self.state['params'])
+    return self.step_fn.model(self.state['params'])
 
 
 class Logger:
@@ -232,7 +232,7 @@ def train(run: Run, schedule, tokenizer, manager: checkpoint.Manager):
   try:
     for element, global_batches, run.loader_state in prefetcher:
       inv = jnp.float32(1.0 / max(element['num_targets'], 1))
-      run.state, step_sums = run.step_fn(run.state, global_batches, inv)  # One dict of sums per micro-batch.
+      run.state, step_sums = run.step_fn(run.state, global_batches, inv, run.step)  # Sums per micro-batch.
       run.step += 1
       run.num_tokens += element['num_targets']
       run.window.append(step_sums)

@@ -12,7 +12,8 @@ Model FLOPs of training (what MFU divides by the hardware's peak), written out:
     when tied to the embedding). Not counted: the embedding lookup (a gather, no FLOPs), biases, norms,
     RoPE, softmax and the loss (O(d) or O(V) per token, not O(d²)).
   * 6 = 2 FLOPs (multiply + add) per weight per token forward, 4 backward (the gradient with respect to the
-    activations and to the weights), as in Kaplan et al. 2020 / the PaLM paper's appendix B.
+    activations and to the weights), as in Kaplan et al. 2020 / the PaLM paper's appendix B. A LoRA run's frozen
+    base has no weight gradient: 4 · N, plus 6 per adapter parameter.
   * Attention scores and values: for each (query, key) pair a layer computes q·k (2·Dh FLOPs per head) and
     adds p·v (2·Dh per head): 4·H·Dh forward, 12·H·Dh for training (×3 as above). keys(token, layer) is the
     number of keys the token actually attends: position + 1 within its own document (causal, the token
@@ -110,18 +111,25 @@ def attended_keys(positions_BxT: jax.Array, segment_ids_BxT: jax.Array, windows:
   return total
 
 
-def train_flops(cfg: ModelConfig, num_tokens: float, num_attended_keys: float) -> float:
-  """Model FLOPs of training on `num_tokens` tokens that attend `num_attended_keys` keys over all layers."""
-  return 6.0 * matmul_params(cfg) * num_tokens + 12.0 * cfg.num_heads * cfg.head_dim * num_attended_keys
+def train_flops(cfg: ModelConfig, num_tokens: float, num_attended_keys: float, *,
+                adapter_params: int | None = None) -> float:
+  """Model FLOPs of training on `num_tokens` tokens that attend `num_attended_keys` keys over all layers.
+
+  `adapter_params`: a LoRA run's trained parameters; its frozen base gets no weight gradient, so its weights cost
+  4 FLOPs a token (forward 2, the activations' gradient 2) and the adapters 6.
+  """
+  per_token = 6.0 * matmul_params(cfg) if adapter_params is None else 4.0 * matmul_params(cfg) + 6.0 * adapter_params
+  return per_token * num_tokens + 12.0 * cfg.num_heads * cfg.head_dim * num_attended_keys
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, *, adapter_params: int | None = None) -> float:
   """Model FLOPs per training token when every row is one document of `seq_len` tokens.
 
-  6·N + 12·H·Dh·Σ_layers causal_pairs(T, window)/T, i.e. 6·N + 6·L·H·Dh·(T + 1) without sliding windows.
+  6·N + 12·H·Dh·Σ_layers causal_pairs(T, window)/T, i.e. 6·N + 6·L·H·Dh·(T + 1) without sliding windows
+  (a LoRA run: 4·N + 6·adapters instead of 6·N, see `train_flops`).
   """
   pairs = sum(causal_pairs(seq_len, window) for window in layer_windows(cfg))
-  return train_flops(cfg, seq_len, pairs) / seq_len
+  return train_flops(cfg, seq_len, pairs, adapter_params=adapter_params) / seq_len
 
 
 def peak_memory_bytes() -> int | None:
@@ -184,9 +192,12 @@ class Throughput:
   attend as in a full `seq_len` document.
   """
 
-  def __init__(self, cfg: ModelConfig, seq_len: int, num_devices: int, *, peak_flops: float | None = None):
+  def __init__(self, cfg: ModelConfig, seq_len: int, num_devices: int, *, peak_flops: float | None = None,
+               adapter_params: int | None = None):
+    """`adapter_params`: a LoRA run's trained parameters (its FLOPs: `train_flops`)."""
     self.cfg = cfg
     self.seq_len = seq_len
+    self.adapter_params = adapter_params
     peak = peak_flops if peak_flops is not None else peak_flops_per_device()
     self.peak_total = peak * num_devices if peak else None
     self.reset()
@@ -236,7 +247,7 @@ class Throughput:
       keys = sum(float(k) for k in jax.tree.leaves(jax.device_get(self._keys)))
     else:
       keys = self._all_tokens * sum(causal_pairs(self.seq_len, w) for w in layer_windows(self.cfg)) / self.seq_len
-    return train_flops(self.cfg, self._all_tokens, keys)
+    return train_flops(self.cfg, self._all_tokens, keys, adapter_params=self.adapter_params)
 
   def measure(self) -> dict:
     """tokens_per_second (loss tokens), all_tokens_per_second (non-padding), step_time (s), mfu (non-padding work

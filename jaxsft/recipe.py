@@ -42,7 +42,6 @@ RECIPE_MAPPED = {
                    'bfloat16 when bf16 is true (a warning if bfloat16 weights meet bf16 false); others are an error',
     'dtype': "TRL's newer name of torch_dtype: the same",
     'fp16': 'false is accepted; true is an error (use bf16)',
-    'use_peft': 'false is accepted; true is an error (jaxsft does full fine-tuning only), as is any lora_* field',
     'optim': f'{", ".join(ADAMW_OPTIMIZERS)}: ignored with a warning (jaxsft uses optax AdamW with the adam_* '
              'fields); any other optimizer is an error',
     'overwrite_output_dir': 'a warning when true: jaxsft never overwrites; a run whose output_dir holds '
@@ -133,10 +132,6 @@ def recipe_to_config(mapping: dict, *, source: str,
 
 def _check_known(mapping: dict, source: str) -> None:
   known = set(RECIPE_FIELDS) | set(RECIPE_MAPPED) | set(RECIPE_IGNORED)
-  peft = [str(f) for f in mapping
-          if str(f).startswith('lora_') or (f == 'use_peft' and mapping[f] not in (False, None))]
-  if peft:
-    raise InputError(f'{source}: {", ".join(peft)}: jaxsft does full fine-tuning only (no PEFT/LoRA)')
   unknown = [str(f) for f in mapping if f not in known]
   if not unknown:
     return
@@ -158,6 +153,9 @@ def _recipe_value(config: config_dict.ConfigDict, field: str, value, source: str
   """`value` as the type of `config[field]`; YAML's lists, bare `no` and `1e-5` (a string in YAML 1.1) allowed."""
   if field == 'report_to' and isinstance(value, list) and all(isinstance(v, str) for v in value):
     return ','.join(value) or 'none'
+  if field in ('lora_target_modules', 'lora_modules_to_save') and isinstance(value, list) and all(
+      isinstance(v, str) for v in value):
+    return ','.join(value) or None
   if field in _STRATEGY_FIELDS:
     return _strategy(field, value, source)
   if field == 'warmup_steps' and _is_fraction(value):

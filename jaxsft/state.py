@@ -7,11 +7,17 @@ shards (`init`: each process reads or draws only the slices its devices hold), r
 this mesh's shardings (`restore`, any mesh), or described without any weights (`abstract`: the dry run
 compiles against it). The model's structure (`graphdef`) comes with it; the model has no variables but its
 parameters.
+
+A LoRA run (use_peft; jaxsft/models/lora.py) trains its adapters only: `params` holds the adapters (float32), and
+the base model's parameters are `frozen` (in the compute dtype, sharded by the same rules), beside the state: no
+gradient, no optimizer state and no checkpoint holds them. A restore reads the base from the model directory again.
 """
 
-from typing import TypedDict
+import os
+from typing import NamedTuple, TypedDict
 
 import jax
+import numpy as np
 import optax
 from flax import nnx
 from ml_collections import config_dict
@@ -20,10 +26,13 @@ from jaxsft import checkpoint
 from jaxsft import config as config_lib
 from jaxsft import metrics as metrics_lib
 from jaxsft import optim
+from jaxsft import peft_config
 from jaxsft import sharding
 from jaxsft import step as step_lib
 from jaxsft.models import hf
 from jaxsft.models import hf_config
+from jaxsft.models import lora as lora_lib
+from jaxsft.models import peft_io
 from jaxsft.models import transformer
 
 
@@ -32,9 +41,22 @@ class TrainState(TypedDict):
   opt_state: optax.OptState
 
 
+class Built(NamedTuple):
+  """A train state made, restored or described: the state, its shardings, the model's structure, and the frozen
+  parameters (a LoRA run's base: in the compute dtype, sharded by the same rules, never in the state, the
+  gradients or a checkpoint; an empty State in full fine-tuning). `nnx.merge(graphdef, params, frozen)` is the
+  model."""
+  state: TrainState
+  shardings: dict
+  graphdef: nnx.GraphDef
+  frozen: nnx.State
+
+
 def model_config(config: config_dict.ConfigDict, hf_cfg: dict) -> transformer.ModelConfig:
-  """The model as `config` trains it: bf16 compute over float32 master weights (or float32), its remat."""
-  return hf_config.model_config_from_hf(hf_cfg, dtype='bfloat16' if config.bf16 else 'float32', param_dtype='float32',
+  """The model as `config` trains it: bf16 compute over float32 master weights (or float32), its remat. A LoRA
+  run's base is frozen, so it is stored in the compute dtype (its adapters are float32: jaxsft/models/lora.py)."""
+  dtype = 'bfloat16' if config.bf16 else 'float32'
+  return hf_config.model_config_from_hf(hf_cfg, dtype=dtype, param_dtype=dtype if config.use_peft else 'float32',
                                  attention_impl=config.model.attention_impl, remat=config_lib.remat_policy(config),
                                  scan_layers=config.model.scan_layers, mlp_chunk_size=config.model.mlp_chunk_size)
 
@@ -58,52 +80,94 @@ def build_model(config, model_dir: str, model_cfg: transformer.ModelConfig, shar
   return hf.load_pretrained(model_dir, model_cfg, shardings=shardings)
 
 
-def shardings(model_cfg: transformer.ModelConfig, tx: optax.GradientTransformation, mesh, *, warn=None):
-  """(graphdef, abstract params, shardings of the TrainState) from the rules, without any weights."""
-  graphdef, abstract_params = nnx.split(hf.abstract_model(model_cfg), nnx.Param)
+def trainable(lora: peft_config.Settings | None):
+  """The filter of the trained parameters: the adapters in a LoRA run, else every parameter."""
+  return nnx.Param if lora is None else lora_lib.LoRAParam
+
+
+def shardings(model_cfg: transformer.ModelConfig, tx: optax.GradientTransformation, mesh, *, lora=None, warn=None):
+  """(graphdef, abstract params, shardings of the TrainState, (abstract frozen params, their shardings)) from the
+  rules, without any weights. `lora`: the run's LoRA settings (None: full fine-tuning)."""
+  model = hf.abstract_model(model_cfg)
+  if lora is not None:
+    lora_lib.attach(model, lora, lora_lib.abstract_values, mlp_tiled=model_cfg.mlp_chunk_size > 0)
+  graphdef, abstract_params, abstract_frozen = nnx.split(model, trainable(lora), nnx.Param)
   param_shardings = sharding.param_shardings(abstract_params, mesh, warn=warn)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
                                         transform_non_params=lambda _: sharding.replicated(mesh),
                                         is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return graphdef, abstract_params, {'params': param_shardings, 'opt_state': opt_shardings}
+  frozen_shardings = sharding.param_shardings(abstract_frozen, mesh, warn=warn)
+  return graphdef, abstract_params, {'params': param_shardings, 'opt_state': opt_shardings}, (abstract_frozen,
+                                                                                               frozen_shardings)
 
 
-def abstract(model_cfg: transformer.ModelConfig, tx, mesh, *, warn=None):
-  """(graphdef, the TrainState as ShapeDtypeStructs with their shardings, the shardings)."""
-  graphdef, abstract_params, state_shardings = shardings(model_cfg, tx, mesh, warn=warn)
+def abstract(model_cfg: transformer.ModelConfig, tx, mesh, *, lora=None, warn=None) -> Built:
+  """The TrainState and the frozen parameters as ShapeDtypeStructs with their shardings (nothing allocated)."""
+  graphdef, abstract_params, state_shardings, (frozen, frozen_shardings) = shardings(model_cfg, tx, mesh, lora=lora,
+                                                                                    warn=warn)
   abstract_state = {'params': abstract_params, 'opt_state': jax.eval_shape(tx.init, abstract_params)}
-  return graphdef, checkpoint.abstract(abstract_state, state_shardings), state_shardings
+  return Built(checkpoint.abstract(abstract_state, state_shardings), state_shardings, graphdef,
+               checkpoint.abstract(frozen, frozen_shardings))
 
 
-def init(config, model_dir: str, model_cfg: transformer.ModelConfig, tx, mesh):
-  """(TrainState, its shardings, graphdef): the model loaded (or drawn) and AdamW initialised, in their shards."""
-  graphdef, _, state_shardings = shardings(model_cfg, tx, mesh, warn=metrics_lib.log)
+def init(config, model_dir: str, model_cfg: transformer.ModelConfig, tx, mesh) -> Built:
+  """The model loaded (or drawn), a LoRA run's adapters added (fresh, or `adapter_name_or_path`'s), and AdamW
+  initialised, all in their shards."""
+  lora = peft_config.settings(config)
+  graphdef, _, state_shardings, (_, frozen_shardings) = shardings(model_cfg, tx, mesh, lora=lora,
+                                                                   warn=metrics_lib.log)
   # Each process reads (or draws) only the slices its devices hold: the model is never whole on a host.
-  model = build_model(config, model_dir, model_cfg, state_shardings['params'])
-  _, params = nnx.split(model, nnx.Param)
+  model = build_model(config, model_dir, model_cfg, frozen_shardings if lora else state_shardings['params'])
+  if lora is not None:
+    _add_adapters(config, model, lora)
+  _, params, frozen = nnx.split(model, trainable(lora), nnx.Param)
   del model
+  if lora is not None:  # The adapters were made on the host: placed in their shards now.
+    params = _place(params, state_shardings['params'])
   opt_state = jax.jit(tx.init, out_shardings=state_shardings['opt_state'])(params)
   state = TrainState(params=params, opt_state=opt_state)
-  _log_memory(state, mesh)
-  return state, state_shardings, graphdef
+  _log_memory(state, frozen, mesh)
+  return Built(state, state_shardings, graphdef, frozen)
 
 
-def restore(start: tuple[str, int], model_cfg: transformer.ModelConfig, tx, mesh):
-  """(TrainState of checkpoint `start` = (checkpoints root, step), its shardings, graphdef), placed by this mesh's
-  rules (any mesh)."""
-  graphdef, abstract_state, state_shardings = abstract(model_cfg, tx, mesh, warn=metrics_lib.log)
+def restore(start: tuple[str, int], model_cfg: transformer.ModelConfig, tx, mesh, *, lora=None,
+            model_dir: str | None = None) -> Built:
+  """The TrainState of checkpoint `start` = (checkpoints root, step), placed by this mesh's rules (any mesh); a
+  LoRA run's frozen base read from `model_dir` again (a checkpoint holds the adapters only)."""
+  abstract_state, state_shardings, graphdef, frozen = abstract(model_cfg, tx, mesh, lora=lora, warn=metrics_lib.log)
   manager = checkpoint.Manager(start[0], read_only=True)
   try:
     restored, _ = manager.restore(start[1], abstract_state)
   finally:
     manager.close()
   state = TrainState(params=restored['params'], opt_state=restored['opt_state'])
-  _log_memory(state, mesh)
-  return state, state_shardings, graphdef
+  if lora is not None:
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    frozen = nnx.state(hf.load_pretrained(model_dir, model_cfg, shardings=frozen_shardings), nnx.Param)
+  _log_memory(state, frozen, mesh)
+  return Built(state, state_shardings, graphdef, frozen)
 
 
-def _log_memory(state: TrainState, mesh) -> None:
-  metrics_lib.log(f"memory per device: parameters {step_lib.gib(sharding.bytes_per_device(state['params']))}, "
+def _add_adapters(config, model, lora: peft_config.Settings) -> None:
+  """A LoRA run's adapters on `model`: `adapter_name_or_path`'s, or PEFT's init from the config's seed."""
+  if config.adapter_name_or_path:
+    peft_io.attach_from_dir(model, lora, os.path.expanduser(config.adapter_name_or_path))
+  else:
+    lora_lib.attach(model, lora, lambda shape: tuple(map(np.asarray, lora_lib.init_values(shape, config.seed))))
+
+
+def _place(params: nnx.State, shardings) -> nnx.State:
+  """Host values (the same on every process) as global arrays in `shardings`, each device taking its block."""
+  def place(value, sharding_):
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding_, lambda index: host[index])
+  return jax.tree.map(place, params, shardings)
+
+
+def _log_memory(state: TrainState, frozen: nnx.State, mesh) -> None:
+  frozen_bytes = sharding.bytes_per_device(frozen)
+  base = f'frozen base {step_lib.gib(frozen_bytes)}, trained ' if frozen_bytes else ''
+  metrics_lib.log(f"memory per device: {base}parameters {step_lib.gib(sharding.bytes_per_device(state['params']))}, "
                   f"optimizer state {step_lib.gib(sharding.bytes_per_device(state['opt_state']))} "
                   f'(mesh {dict(mesh.shape)})')

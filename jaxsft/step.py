@@ -30,6 +30,7 @@ from flax import nnx
 from jaxsft import loss as loss_lib
 from jaxsft import metrics as metrics_lib
 from jaxsft import optim
+from jaxsft.models import lora as lora_lib
 
 
 class TrainStep:
@@ -43,11 +44,16 @@ class TrainStep:
 
   def __init__(self, graphdef, tx: optax.GradientTransformation, loss_chunk_size: int, *,
                state_shardings=None, attention_windows: tuple[int | None, ...] | None = None,
-               skip_nonfinite: bool = False):
+               skip_nonfinite: bool = False, frozen: nnx.State | None = None, dropout_seed: int = 0):
     """`attention_windows` (one per layer, `metrics.layer_windows`): the sums also hold 'attended_keys'.
-    `skip_nonfinite`: a step whose gradient norm is not finite leaves the state unchanged (jaxsft/guard.py)."""
+    `skip_nonfinite`: a step whose gradient norm is not finite leaves the state unchanged (jaxsft/guard.py).
+    `frozen`: the parameters that are not trained (a LoRA run's base; jaxsft/state.py), an argument of every
+    program, never differentiated nor donated. `dropout_seed`: LoRA dropout's masks are drawn from it and the
+    micro-batch's number (the same masks after a resume)."""
     self.skip_nonfinite = skip_nonfinite
-    self.graphdef = graphdef  # The model's structure; its parameters are the state's (it has no other variables).
+    self.graphdef = graphdef  # The model's structure; its parameters are the state's and `frozen`.
+    self.frozen = nnx.State({}) if frozen is None else frozen
+    self.dropout_seed = dropout_seed
     self.tx = tx
     self.loss_chunk_size = loss_chunk_size
     self.attention_windows = attention_windows
@@ -66,7 +72,7 @@ class TrainStep:
         'apply': jax.jit(self._apply, donate_argnums=(0,), out_shardings=state_out),
     }
     self._zeros = jax.jit(lambda params: jax.tree.map(jnp.zeros_like, params), out_shardings=params_out)
-    self.eval_step = jax.jit(self.loss_sums)
+    self._eval = jax.jit(self.loss_sums)
 
   @staticmethod
   def programs(num_micro_batches: int) -> tuple[str, ...]:
@@ -77,11 +83,20 @@ class TrainStep:
     """Lowers program `name` ('step' | 'accumulate' | 'apply') for these (possibly abstract) arguments."""
     acc = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=getattr(p, 'sharding', None)),
                        state['params'])
+    micro = jax.ShapeDtypeStruct((), jnp.int32)
     if name == 'step':
-      return self._programs[name].lower(state, batch, inv_step_tokens)
+      return self._programs[name].lower(state, self.frozen, batch, inv_step_tokens, micro)
     if name == 'accumulate':
-      return self._programs[name].lower(acc, state['params'], batch, inv_step_tokens)
+      return self._programs[name].lower(acc, state['params'], self.frozen, batch, inv_step_tokens, micro)
     return self._programs[name].lower(state, acc)
+
+  def model(self, params):
+    """The model of these trained parameters (and the frozen ones)."""
+    return nnx.merge(self.graphdef, params, self.frozen)
+
+  def eval_step(self, params, batch):
+    """The loss sums of one batch (jitted; no dropout)."""
+    return self._eval(params, self.frozen, batch)
 
   def _run(self, name: str, *args):
     """Program `name` through an executable compiled (timed, memory logged) on first use with these shapes."""
@@ -98,16 +113,19 @@ class TrainStep:
       self._compile_seconds_now += seconds
     return self._compiled[key](*args)
 
-  def __call__(self, state, micro_batches: list, inv_step_tokens):
+  def __call__(self, state, micro_batches: list, inv_step_tokens, step: int = 0):
+    """`step`: the optimizer steps done before this one (numbers the micro-batches for LoRA dropout)."""
     self._compile_seconds_now = 0.0
+    first = step * len(micro_batches)
     if len(micro_batches) == 1:
-      state, sums = self._run('step', state, micro_batches[0], inv_step_tokens)
+      state, sums = self._run('step', state, self.frozen, micro_batches[0], inv_step_tokens, jnp.int32(first))
       all_sums = [sums]
     else:
       acc = self._zeros(state['params'])
       all_sums = []
-      for batch in micro_batches:
-        acc, sums = self._run('accumulate', acc, state['params'], batch, inv_step_tokens)
+      for g, batch in enumerate(micro_batches):
+        acc, sums = self._run('accumulate', acc, state['params'], self.frozen, batch, inv_step_tokens,
+                              jnp.int32(first + g))
         all_sums.append(sums)
       state, grad_norm = self._run('apply', state, acc)
       all_sums[-1] = dict(all_sums[-1], grad_norm=grad_norm)
@@ -116,24 +134,28 @@ class TrainStep:
     self.last_compile_seconds = self._compile_seconds_now
     return state, all_sums
 
-  def step(self, state, batch, inv_step_tokens):
+  def step(self, state, batch, inv_step_tokens, step: int = 0):
     """One optimizer step of one micro-batch: (state, its sums with 'grad_norm')."""
-    state, (sums,) = self(state, [batch], inv_step_tokens)
+    state, (sums,) = self(state, [batch], inv_step_tokens, step)
     return state, sums
 
-  def loss_sums(self, params, batch):
-    model = nnx.merge(self.graphdef, params)
-    hidden_BxTxD = model.hidden_states(batch['input_ids'], batch['positions'], batch['segment_ids'])
+  def loss_sums(self, params, frozen, batch, dropout_key=None):
+    """The token-sum loss (and counts) of `batch`; LoRA dropout draws from `dropout_key` (None: off)."""
+    # copy: `frozen` comes from outside the gradient's trace; the model's variables must all be of this one.
+    model = nnx.merge(self.graphdef, params, frozen, copy=True)
+    with lora_lib.dropout_key(dropout_key):
+      hidden_BxTxD = model.hidden_states(batch['input_ids'], batch['positions'], batch['segment_ids'])
     targets_BxT, weights_BxT = loss_lib.next_token_targets(batch['input_ids'], batch['loss_mask'],
                                                            batch['segment_ids'])
     return loss_lib.cross_entropy_sums(hidden_BxTxD, model.unembedding(), targets_BxT, weights_BxT,
                                        chunk_size=self.loss_chunk_size)
 
-  def _grads(self, params, batch, inv_step_tokens):
-    """The gradient of the micro-batch's token-sum loss × inv_step_tokens; and its sums."""
+  def _grads(self, params, frozen, batch, inv_step_tokens, micro):
+    """The gradient of the micro-batch's token-sum loss × inv_step_tokens (trained parameters only); its sums."""
+    dropout_key = jax.random.fold_in(jax.random.key(self.dropout_seed), micro)  # Unused without LoRA dropout.
 
     def objective(p):
-      sums = self.loss_sums(p, batch)
+      sums = self.loss_sums(p, frozen, batch, dropout_key)
       return sums['loss_sum'] * inv_step_tokens, sums
 
     grads, sums = jax.grad(objective, has_aux=True)(params)
@@ -142,12 +164,12 @@ class TrainStep:
                                                         self.attention_windows)
     return grads, sums
 
-  def _accumulate(self, acc, params, batch, inv_step_tokens):
-    grads, sums = self._grads(params, batch, inv_step_tokens)
+  def _accumulate(self, acc, params, frozen, batch, inv_step_tokens, micro):
+    grads, sums = self._grads(params, frozen, batch, inv_step_tokens, micro)
     return jax.tree.map(jnp.add, acc, grads), sums
 
-  def _step(self, state, batch, inv_step_tokens):
-    grads, sums = self._grads(state['params'], batch, inv_step_tokens)
+  def _step(self, state, frozen, batch, inv_step_tokens, micro):
+    grads, sums = self._grads(state['params'], frozen, batch, inv_step_tokens, micro)
     state, sums['grad_norm'] = self._apply(state, grads)
     return state, sums
 

@@ -25,6 +25,7 @@ from jaxsft import library_log
 from jaxsft import loop
 from jaxsft import metrics as metrics_lib
 from jaxsft import optim
+from jaxsft import peft_config
 from jaxsft import reporting
 from jaxsft import run_dir
 from jaxsft import sharding
@@ -37,6 +38,7 @@ from jaxsft.data import prepare
 from jaxsft.errors import InputError
 from jaxsft.models import attention
 from jaxsft.models import hf_config
+from jaxsft.models import lora as lora_lib
 
 log = metrics_lib.log
 
@@ -89,13 +91,17 @@ def _run(config: config_dict.ConfigDict) -> dict[str, Any]:
       f'{geometry.accumulation} × {micro_batch_size} rows × {config.max_length} tokens on '
       f'{jax.device_count()} {jax.devices()[0].platform} device(s), mesh {dict(mesh.shape)}')
 
+  lora = peft_config.settings(config)
   if start:
-    state, shardings, graphdef = state_lib.restore(start, model_cfg, tx, mesh)
+    state, shardings, graphdef, frozen = state_lib.restore(start, model_cfg, tx, mesh, lora=lora, model_dir=model_dir)
     guard.check_params(state['params'], f'of checkpoint {where!r}')
   else:
-    state, shardings, graphdef = state_lib.init(config, model_dir, model_cfg, tx, mesh)
+    state, shardings, graphdef, frozen = state_lib.init(config, model_dir, model_cfg, tx, mesh)
     guard.check_params(state['params'], 'initialised at random' if config.model_init == 'random'
-                       else f'loaded from {model_dir!r}')
+                       else f'loaded from {model_dir!r}' if lora is None or not config.adapter_name_or_path
+                       else f'loaded from {config.adapter_name_or_path!r}')
+  if lora is not None:
+    guard.check_params(frozen, f'loaded from {model_dir!r}')
   # Written only now: a run that failed on its input (incompatible checkpoint, bad weights) changed nothing.
   if metrics_lib.is_main_process():
     storage.makedirs(config.output_dir)
@@ -113,26 +119,40 @@ def _run(config: config_dict.ConfigDict) -> dict[str, Any]:
   manager = checkpoint.Manager(checkpoint.root_of(config.output_dir), max_to_keep=config.save_total_limit)
   try:
     with jax.set_mesh(mesh):
-      num_params = sum(x.size for x in jax.tree.leaves(state['params']))
+      num_params = sum(x.size for x in jax.tree.leaves((state['params'], frozen)))
+      if lora is not None:
+        trained = sum(x.size for x in jax.tree.leaves(state['params']))
+        log(f'LoRA: r={lora.r}, alpha={lora.alpha:g} (scaling {lora.scaling:g}), dropout {lora.dropout:g} on '
+            f'{",".join(lora.targets)}: {trained / 1e6:.3f}M trained parameters ({trained / num_params:.3%}), '
+            f'the base frozen in {model_cfg.param_dtype}')
       log(f'model: {hf_cfg.get("model_type")} with {num_params / 1e6:.2f}M parameters '
           f'({"random init" if config.model_init == "random" else "from " + model_dir}), '
           f'compute {model_cfg.dtype}, remat {model_cfg.remat}, attention {attention_impl}')
       step_fn = step_lib.TrainStep(graphdef, tx, config.model.loss_chunk_size, state_shardings=shardings,
                                    attention_windows=metrics_lib.layer_windows(model_cfg),
-                                   skip_nonfinite=config.nonfinite_policy == 'skip')
+                                   skip_nonfinite=config.nonfinite_policy == 'skip', frozen=frozen,
+                                   dropout_seed=config.seed)
       progress = loop.Run(
           config=config, mesh=mesh, step_fn=step_fn, state=state, data=data, meta=meta,
-          throughput=metrics_lib.Throughput(model_cfg, config.max_length, jax.device_count()),
+          throughput=metrics_lib.Throughput(
+              model_cfg, config.max_length, jax.device_count(),
+              adapter_params=None if lora is None else sum(x.size for x in jax.tree.leaves(state['params']))),
           guard=guard.Guard(config.nonfinite_policy, config.learning_rate, skipped=meta.skipped_steps),
           step=meta.step, num_tokens=meta.num_tokens, window=list(meta.log_window))
       state, last_row = loop.train(progress, schedule, tokenizer, manager)
-      model = nnx.merge(graphdef, sharding.gather_to_host(state['params']))
+      model = nnx.merge(graphdef, sharding.gather_to_host(state['params']), sharding.gather_to_host(frozen))
   finally:
     manager.close()
   export_dir = storage.join(config.output_dir, 'hf')
+  if lora is not None:
+    adapter_dir = storage.join(config.output_dir, 'adapter')
+    if metrics_lib.is_main_process():
+      export_lib.write_adapter_dir(model, lora, adapter_dir, base_model=config.model_name_or_path)
+    log(f'exported the LoRA adapter (PEFT format) to {adapter_dir}')
+    model = lora_lib.merge(model)
   if metrics_lib.is_main_process():
     export_lib.write_hf_dir(model, hf_cfg, tokenizer, meta.generation_config, export_dir, dtype=meta.export_dtype)
-  log(f'exported the Hugging Face model to {export_dir}')
+  log(f'exported the Hugging Face model{" (merged)" if lora is not None else ""} to {export_dir}')
   return last_row
 
 

@@ -19,7 +19,7 @@ _URL_RE = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*)://')
 # (jaxsft/storage.py), and data files, prefixes and mixture files (copied locally by jaxsft/data/remote.py).
 PATH_FIELDS = ('model_name_or_path', 'tokenizer_name_or_path', 'dataset_name', 'dataset_test_split',
                'dataset_mixture', 'dataset_cache_dir', 'chat_template', 'output_dir', 'logging_dir',
-               'resume_from_checkpoint')
+               'resume_from_checkpoint', 'adapter_name_or_path')
 GS_FIELDS = ('output_dir', 'logging_dir', 'resume_from_checkpoint', 'dataset_name', 'dataset_test_split',
              'dataset_mixture')
 

@@ -12,15 +12,17 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 NUMBER = r'[\d,]+(?:\.\d+)?'
-RUNS = ('trl', 'jaxsft', 'trl_packing', 'trl_group_by_length', 'jaxsft_packing', 'jaxsft_padding_free')
+RUNS = ('trl', 'jaxsft', 'trl_packing', 'trl_group_by_length', 'jaxsft_packing', 'jaxsft_padding_free', 'trl_lora',
+        'jaxsft_lora')
 LABELS = {'trl': 'trl equal settings', 'jaxsft': 'jaxsft equal settings', 'trl_packing': 'trl packing',
           'trl_group_by_length': 'trl group_by_length', 'jaxsft_packing': 'jaxsft packing',
-          'jaxsft_padding_free': 'jaxsft padding_free'}
+          'jaxsft_padding_free': 'jaxsft padding_free', 'trl_lora': 'trl lora', 'jaxsft_lora': 'jaxsft lora'}
 
 
 def test_vs_trl_benchmark_prints_figures_and_ratios(tmp_path):
   """Every run trains the requested steps; the table, the best-settings choice, the ratios and the JSON agree."""
   pytest.importorskip('trl')
+  pytest.importorskip('peft')
   out = tmp_path / 'figures.json'
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'benchmarks', 'vs_trl.py'), '--quick', '--parallel', '2', '--json', str(out),
@@ -38,7 +40,7 @@ def test_vs_trl_benchmark_prints_figures_and_ratios(tmp_path):
   ratio_line = text.strip().splitlines()[-1]
   assert ratio_line.startswith('ratios jaxsft / TRL')
   ratios = dict(re.findall(r'(\w+) (\d+\.\d+)', ratio_line))
-  assert set(ratios) == {f'{p}_{k}' for p in ('equal', 'padding_free', 'best')
+  assert set(ratios) == {f'{p}_{k}' for p in ('equal', 'padding_free', 'best', 'lora')
                          for k in ('tokens_per_s', 'tokens_per_cpu_s', 'first_step', 'peak_memory')}
   assert all(float(v) > 0 for v in ratios.values())
 

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxsft import sharding
+from jaxsft.models import lora as lora_lib
 
 INIT_STD = 0.02  # transformers' default `initializer_range` for all four families.
 
@@ -39,11 +40,14 @@ class Dense(nnx.Module):
     init = jax.nn.initializers.normal(INIT_STD)
     self.kernel = param(init(rngs.params(), kernel_shape, jnp.dtype(param_dtype)), kernel_names)
     self.bias = None if bias_shape is None else param(jnp.zeros(bias_shape, param_dtype), bias_names)
+    self.lora: lora_lib.Adapter | None = nnx.data(None)  # A LoRA run's adapter (jaxsft/models/lora.py attaches it).
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = einsum(self.spec, x, self.kernel[...].astype(self.dtype), self.kernel_names)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if self.lora is not None:
+      y = y + self.lora(x)
     return y
 
   def gathered(self, *, embed_first: bool = False) -> tuple[jax.Array, jax.Array | None]:
@@ -54,6 +58,8 @@ class Dense(nnx.Module):
     `embed_first`, a 2-D kernel whose embed axis is last comes transposed ([embed, other]): its gradient is then
     reduce-scattered along a leading axis (see `einsum`), and the caller contracts over its last axis.
     """
+    if self.lora is not None:
+      raise ValueError('a projection with a LoRA adapter cannot be applied through its gathered kernel')
     kernel, names = self.kernel[...], self.kernel_names
     if embed_first and kernel.ndim == 2 and names[-1] == 'embed':
       kernel, names = kernel.T, names[::-1]

@@ -49,6 +49,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxsft import sharding
 from jaxsft.errors import InputError
 from jaxsft.models import attention as attention_lib
+from jaxsft.models import lora as lora_lib
 from jaxsft.models import mlp as mlp_lib
 from jaxsft.models import projection
 from jaxsft.models import remat as remat_lib
@@ -347,12 +348,14 @@ class Transformer(nnx.Module):
   def _scan_layers(self, apply, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT):
     """The stacked layers applied in a `nnx.scan` (one traced body whatever the depth)."""
 
-    @nnx.scan(in_axes=(0, nnx.Carry, None, None, None, 0), out_axes=nnx.Carry,
+    @nnx.scan(in_axes=(0, nnx.Carry, None, None, None, 0, 0), out_axes=nnx.Carry,
               transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
-    def body(layer, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, window_index):
-      return apply(layer, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, window_index)
+    def body(layer, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, window_index, layer_index):
+      with lora_lib.layer_scope(layer_index):  # Each layer's LoRA dropout masks its own (one traced body).
+        return apply(layer, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, window_index)
 
-    return body(self.layers, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, self._window_index_L())
+    return body(self.layers, x_BxTxD, cos_BxTx1xH, sin_BxTx1xH, segment_ids_BxT, self._window_index_L(),
+                jnp.arange(self.cfg.num_layers, dtype=jnp.int32))
 
   def unembedding(self) -> jax.Array:
     """The output projection [D, V] in the compute dtype (the embedding table transposed when tied)."""

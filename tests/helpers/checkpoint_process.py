@@ -72,7 +72,7 @@ def reshard(model_dir: str, data_file: str, out_dir: str) -> None:
   for name, mesh_cfg in MESHES.items():
     devices = jax.devices()[:1] if name == 'one_device' else None
     mesh = sharding.make_mesh(mesh_cfg, devices=devices)
-    state, _, graphdef = runs.restore_state((root, RESUME_STEP), model_cfg, tx, mesh)
+    state, _, graphdef, _ = runs.restore_state((root, RESUME_STEP), model_cfg, tx, mesh)
     result['restored'][name] = _describe(state)
     np.savez(os.path.join(out_dir, f'restored_{name}.npz'), **_flat(sharding.gather_to_host(state)))
     if name == 'one_device':

@@ -32,7 +32,7 @@ def main(num_devices: str, model_dir: str, data_file: str, out_dir: str, *meshes
     model_dir_ = str(hf_config.resolve_model_dir(model_dir))
     model_cfg = runs.model_config(config, hf_config.read_hf_config(model_dir_))
     tx, _ = runs.make_optimizer(config, total_steps=5)
-    state, _, _ = runs.init_state(config, model_dir_, model_cfg, tx, mesh)
+    state = runs.init_state(config, model_dir_, model_cfg, tx, mesh).state
     specs = {}
     for path, x in jax.tree_util.tree_leaves_with_path(state):
       spec = [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]

@@ -183,8 +183,8 @@ def resolved(out) -> dict:
 model_config = state_lib.model_config  # The transformer.ModelConfig that a config trains, for an HF config.
 make_optimizer = state_lib.make_optimizer  # (the optax transformation, the schedule) for N optimizer steps.
 load_tokenizer = tokenizer_lib.load_tokenizer  # The tokenizer a run trains with (template and eos applied).
-init_state = state_lib.init  # (TrainState, its shardings, graphdef) made on a mesh.
-restore_state = state_lib.restore  # (TrainState of checkpoint (root, step) placed on a mesh, shardings, graphdef).
+init_state = state_lib.init  # (TrainState, its shardings, graphdef, frozen parameters) made on a mesh.
+restore_state = state_lib.restore  # (TrainState of checkpoint (root, step) on a mesh, shardings, graphdef, frozen).
 Prefetcher = prefetch.Prefetcher  # Feeds the training loop its steps.
 Preempted = preemption.Preempted  # What trainer.run raises after saving on SIGTERM / SIGINT.
 
