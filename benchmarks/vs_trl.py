@@ -1,6 +1,6 @@
 """Training throughput, time to first step and peak memory of jaxsft against TRL's SFTTrainer, same model and data.
 
-Usage (from the repository root; needs the `bench` extra: torch, trl, accelerate):
+Usage (from the repository root; needs the `bench` extra: torch, trl, accelerate, peft):
 
   python benchmarks/vs_trl.py                       # the default CPU benchmark (below): ~6 minutes on 2 cores
   python benchmarks/vs_trl.py --json figures.json   # also write every figure (and every step's) to a JSON file
@@ -35,6 +35,9 @@ default), logging every step, no checkpoint within the timed steps.
 * padding-free (jaxsft padding_free=True): the equal-settings steps, the same conversations per step, laid out
   best-fit-decreasing in as few rows as they fill, run as micro-batches of one row (batch 1 × accumulation
   batch-size), against TRL's equal-settings run.
+* LoRA (trl_lora, jaxsft_lora): the equal-settings run with LoRA adapters (r 16, alpha 32, dropout 0.05, every
+  projection: TRL's ModelConfig defaults with all-linear) on a frozen base, TRL through PEFT (peft_config),
+  jaxsft through use_peft (jaxsft/models/lora.py).
 * best settings: jaxsft with packing=True (best-fit decreasing of whole conversations into max_length rows),
   against the fastest of TRL's CPU options measured here: packing=True (bfd, which TRL runs padding-free:
   one flattened row, documents separated by position ids) and packing=False with
@@ -91,7 +94,11 @@ RUNS = {  # name → (side, settings that differ from the equal-settings run).
     # The equal-settings steps (the same conversations per step), padding-free: one-row micro-batches, so each
     # step computes only the rows its conversations fill (see `launch`).
     'jaxsft_padding_free': ('jaxsft', {'padding_free': True}),
+    # LoRA (TRL: peft_config; jaxsft: use_peft) at equal settings: r 16, alpha 32, dropout 0.05, all-linear.
+    'trl_lora': ('trl', {'lora': True}),
+    'jaxsft_lora': ('jaxsft', {'lora': True}),
 }
+LORA = dict(r=16, alpha=32.0, dropout=0.05, targets='all-linear')  # TRL ModelConfig's defaults, every projection.
 # Named with --runs only (not in 'all'): jaxsft's other row layouts of the equal-settings run.
 EXTRA_RUNS = {
     'jaxsft_pow2_buckets': ('jaxsft', {'length_buckets': 'pow2'}),
@@ -290,7 +297,13 @@ def trl_worker(spec: dict) -> dict:
       gradient_accumulation_steps=s['accumulation'], max_length=s['max_length'],
       gradient_checkpointing=s['gradient_checkpointing'], packing=s.get('packing', False),
       dataloader_num_workers=0, seed=s['seed'], **sampler_args)
-  sft = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()])
+  peft_config = None
+  if s.get('lora'):
+    import peft  # pylint: disable=import-outside-toplevel
+    peft_config = peft.LoraConfig(r=LORA['r'], lora_alpha=LORA['alpha'], lora_dropout=LORA['dropout'],
+                                  target_modules=LORA['targets'], task_type='CAUSAL_LM')
+  sft = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()],
+                       peft_config=peft_config)
   positions = []  # Token positions each micro-batch computes, padding included.
   compute_loss = sft.compute_loss
 
@@ -372,6 +385,9 @@ def jaxsft_worker(spec: dict) -> dict:
   config.padding_free = s.get('padding_free', False)
   config.length_buckets = s.get('length_buckets', 'auto')
   config.seed = s['seed']
+  if s.get('lora'):
+    config.update(use_peft=True, lora_r=LORA['r'], lora_alpha=LORA['alpha'], lora_dropout=LORA['dropout'],
+                  lora_target_modules=LORA['targets'])
   config.lock()
   trainer.run(config)
   total = positions = compiling = 0
@@ -474,6 +490,8 @@ def report(results: dict) -> dict:
     ratios.update(_ratios('equal', results['jaxsft'], results['trl']))
   if 'trl' in results and 'jaxsft_padding_free' in results:
     ratios.update(_ratios('padding_free', results['jaxsft_padding_free'], results['trl']))
+  if 'trl_lora' in results and 'jaxsft_lora' in results:
+    ratios.update(_ratios('lora', results['jaxsft_lora'], results['trl_lora']))
   trl_runs = [n for n in ('trl', 'trl_packing', 'trl_group_by_length') if n in results]
   if trl_runs and 'jaxsft_packing' in results:
     best = max(trl_runs, key=lambda n: results[n]['tokens_per_s'])

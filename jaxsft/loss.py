@@ -15,6 +15,8 @@ The chunks are column blocks of the sequence axis (`[B, c]` tokens each); the ba
 over, so a batch sharded over devices stays sharded and each device reduces its own rows.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -78,7 +80,8 @@ def _weighted_sums(ce, correct, entropy, weights, axis=None) -> dict[str, jax.Ar
 
 
 def cross_entropy_sums(hidden_BxTxD: jax.Array, unembed_DxV: jax.Array, targets_BxT: jax.Array,
-                       weights_BxT: jax.Array, *, chunk_size: int = 1024) -> dict[str, jax.Array]:
+                       weights_BxT: jax.Array, *, chunk_size: int = 1024,
+                       unembed_grad: bool = True) -> dict[str, jax.Array]:
   """Weighted sums of the next-token cross-entropy and its metrics, without [B, T, V] logits.
 
   Each chunk holds `B × c` tokens with `c = clip(chunk_size // B, 1, T)` sequence columns (the sequence is
@@ -87,7 +90,10 @@ def cross_entropy_sums(hidden_BxTxD: jax.Array, unembed_DxV: jax.Array, targets_
   computed from `hidden` and `unembed` in their (compute) dtype with float32 accumulation. Under autodiff each
   chunk's gradients are computed in the forward scan (see `_fused_sums_fwd`); the residuals are the gradients
   themselves: one the size of `hidden`, one the size of `unembed` (accumulated in float32). Gradients flow to
-  `hidden_BxTxD` and `unembed_DxV`, never to targets or weights.
+  `hidden_BxTxD` and `unembed_DxV`, never to targets or weights. With `unembed_grad=False` (a frozen
+  unembedding: LoRA) the unembedding's gradient is neither computed nor kept: its cotangent is zero. (Computed in the
+  forward scan's carry, XLA does not remove it when unused: a LoRA step on the CPU benchmark ran 20% slower than
+  a full fine-tuning step with it.)
 
   Args:
     hidden_BxTxD: final hidden states (after the final norm).
@@ -117,7 +123,7 @@ def cross_entropy_sums(hidden_BxTxD: jax.Array, unembed_DxV: jax.Array, targets_
   targets_KxBxC = jnp.moveaxis(targets_BxT.reshape(batch, num_chunks, cols), 1, 0)
   weights_KxBxC = jnp.moveaxis(weights_BxT.reshape(batch, num_chunks, cols), 1, 0)
 
-  sums_B = _fused_sums(hidden_KxBxCxD, unembed_DxV, targets_KxBxC, weights_KxBxC)
+  sums_B = _fused_sums(unembed_grad, hidden_KxBxCxD, unembed_DxV, targets_KxBxC, weights_KxBxC)
   return {k: jnp.sum(v) for k, v in sums_B.items()}
 
 
@@ -133,10 +139,10 @@ def _zero_sums(batch: int) -> dict[str, jax.Array]:
   return {k: jnp.zeros((batch,), jnp.float32) for k in SUM_KEYS}
 
 
-@jax.custom_vjp
-def _fused_sums(hidden_KxBxCxD, unembed_DxV, targets_KxBxC, weights_KxBxC):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_sums(unembed_grad, hidden_KxBxCxD, unembed_DxV, targets_KxBxC, weights_KxBxC):
   """Per-row sums over all chunks (no gradient work: evaluation, or the primal of the VJP below)."""
-
+  del unembed_grad  # The primal computes no gradient.
   def body(carry, chunk):
     sums, _ = _chunk_stats(chunk[0], unembed_DxV, chunk[1], chunk[2])
     return {k: carry[k] + sums[k] for k in SUM_KEYS}, None
@@ -146,7 +152,7 @@ def _fused_sums(hidden_KxBxCxD, unembed_DxV, targets_KxBxC, weights_KxBxC):
   return sums_B
 
 
-def _fused_sums_fwd(hidden_KxBxCxD, unembed_DxV, targets_KxBxC, weights_KxBxC):
+def _fused_sums_fwd(unembed_grad, hidden_KxBxCxD, unembed_DxV, targets_KxBxC, weights_KxBxC):
   """The forward that also computes the loss's gradients, chunk by chunk (a fused linear cross-entropy).
 
   d loss_sum / d logits = weights × (softmax(logits) - onehot(target)) is known as soon as a chunk's logits
@@ -154,7 +160,8 @@ def _fused_sums_fwd(hidden_KxBxCxD, unembed_DxV, targets_KxBxC, weights_KxBxC):
   unembedding, accumulated over chunks in float32) right away means the backward pass only scales the
   results: 3 [c, D] × [D, V]-sized matmuls per chunk instead of the 4 of autodiff through a rematerialised
   chunk (forward, recomputed forward, two transposes), and the logits never leave the chunk. The gradient
-  matmuls run in the compute dtype (float32 accumulation), as a bf16 framework's backward does.
+  matmuls run in the compute dtype (float32 accumulation), as a bf16 framework's backward does. Without
+  `unembed_grad`, only the hidden states' gradient is computed (2 matmuls per chunk).
   """
   dtype = hidden_KxBxCxD.dtype
 
@@ -167,24 +174,26 @@ def _fused_sums_fwd(hidden_KxBxCxD, unembed_DxV, targets_KxBxC, weights_KxBxC):
     d_logits_BxCxV = ((probs_BxCxV - onehot_BxCxV) * weights_BxC[..., None]).astype(dtype)
     d_hidden_BxCxD = jnp.einsum('bcv,dv->bcd', d_logits_BxCxV, unembed_DxV,
                                 preferred_element_type=jnp.float32).astype(dtype)
-    d_unembed_DxV = d_unembed_DxV + jnp.einsum('bcd,bcv->dv', hidden_BxCxD, d_logits_BxCxV,
-                                               preferred_element_type=jnp.float32)
+    if unembed_grad:
+      d_unembed_DxV = d_unembed_DxV + jnp.einsum('bcd,bcv->dv', hidden_BxCxD, d_logits_BxCxV,
+                                                 preferred_element_type=jnp.float32)
     return ({k: sums_B[k] + sums[k] for k in SUM_KEYS}, d_unembed_DxV), d_hidden_BxCxD
 
-  init = (_zero_sums(hidden_KxBxCxD.shape[1]), jnp.zeros(unembed_DxV.shape, jnp.float32))
+  d_unembed_init = jnp.zeros(unembed_DxV.shape if unembed_grad else (), jnp.float32)
+  init = (_zero_sums(hidden_KxBxCxD.shape[1]), d_unembed_init)
   (sums_B, d_unembed_DxV), d_hidden_KxBxCxD = jax.lax.scan(body, init,
                                                            (hidden_KxBxCxD, targets_KxBxC, weights_KxBxC))
-  return sums_B, (d_hidden_KxBxCxD, d_unembed_DxV.astype(unembed_DxV.dtype))
+  return sums_B, (d_hidden_KxBxCxD, d_unembed_DxV.astype(unembed_DxV.dtype) if unembed_grad else None)
 
 
-def _fused_sums_bwd(residuals, cotangents):
+def _fused_sums_bwd(unembed_grad, residuals, cotangents):
   d_hidden_KxBxCxD, d_unembed_DxV = residuals
   # Only loss_sum has a gradient (the token count, accuracy and entropy are metrics); its cotangent is per row.
   ct_B = cotangents['loss_sum']
   d_hidden = d_hidden_KxBxCxD * ct_B[None, :, None, None].astype(d_hidden_KxBxCxD.dtype)
   # A per-row cotangent cannot scale the summed unembedding gradient row by row; the sums are reduced with
   # jnp.sum right after this function, so every row's cotangent is the same scalar.
-  d_unembed = d_unembed_DxV * ct_B[0].astype(d_unembed_DxV.dtype)
+  d_unembed = d_unembed_DxV * ct_B[0].astype(d_unembed_DxV.dtype) if unembed_grad else None
   return d_hidden, d_unembed, None, None
 
 

@@ -147,8 +147,9 @@ class TrainStep:
       hidden_BxTxD = model.hidden_states(batch['input_ids'], batch['positions'], batch['segment_ids'])
     targets_BxT, weights_BxT = loss_lib.next_token_targets(batch['input_ids'], batch['loss_mask'],
                                                            batch['segment_ids'])
+    # A LoRA run's frozen parameters include the unembedding: its gradient is not computed.
     return loss_lib.cross_entropy_sums(hidden_BxTxD, model.unembedding(), targets_BxT, weights_BxT,
-                                       chunk_size=self.loss_chunk_size)
+                                       chunk_size=self.loss_chunk_size, unembed_grad=not jax.tree.leaves(frozen))
 
   def _grads(self, params, frozen, batch, inv_step_tokens, micro):
     """The gradient of the micro-batch's token-sum loss × inv_step_tokens (trained parameters only); its sums."""
