@@ -79,3 +79,24 @@ def test_find_batch_without_a_target_is_one_line_error():
   proc = _dryrun('--config', 'configs/tiny.py', '--find_batch')
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr
   assert proc.stderr.strip() == 'error: --find_batch needs --topology: simulated CPU devices have no memory limit to find'
+
+
+def test_lora_dry_run_shows_the_frozen_base_and_the_adapters():
+  """A LoRA run's sizing: the frozen base (compute dtype) in its own row; parameters and AdamW state are the
+  adapters' only."""
+  common = ['--config', 'configs/tiny.py', '--devices', '8', '--config.mesh.data=1', '--config.mesh.fsdp=8',
+            '--config.per_device_train_batch_size=1']
+  full = _dryrun(*common)
+  lora = _dryrun(*common, '--config.use_peft=true', '--config.model_init=pretrained',
+                 '--config.lora_target_modules=all-linear', '--config.lora_r=8')
+  for proc in (full, lora):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  assert re.search(r'LoRA r=8 on q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj: [0-9.]+M trained',
+                   lora.stdout), lora.stdout
+  a, b = _table(full.stdout), _table(lora.stdout)
+  assert 'frozen base' not in a
+  assert b['frozen base'] == pytest.approx(a['parameters'], rel=0.05)  # The same float32 base, sharded alike.
+  assert b['parameters'] < a['parameters']  # The adapters (replicated rank axis: not 8× smaller per device).
+  assert b['optimizer state'] == pytest.approx(2 * b['parameters'], rel=0.05)  # AdamW of the adapters only.
+  bad = _dryrun(*common, '--config.use_peft=true', '--config.lora_r=0')
+  assert bad.returncode != 0 and "'lora_r'" in bad.stderr.strip().splitlines()[-1]
